@@ -1,0 +1,54 @@
+"""The LightningDataModule that hands each rank its share of the shards."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
+from cellarium_steps.data.shards import ShardCollection, open_shards
+
+
+class ShardDataModule(pl.LightningDataModule):
+    """Opens and validates the shards at construction, so bad input fails before any pass."""
+
+    def __init__(
+        self,
+        inputs: str | Sequence[str],
+        batch_size: int = 10_000,
+        batch_key: str | None = None,
+        obs_columns: Iterable[str] = (),
+        num_workers: int = 0,
+        shuffle: bool = False,
+        seed: int = 0,
+        require_counts: bool = True,
+        x_key: str = "X",
+        collection: ShardCollection | None = None,
+    ):
+        super().__init__()
+        self.collection = collection or open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, x_key=x_key)
+        self.num_workers = num_workers
+        self.dataset = ShardedCellDataset(
+            self.collection, batch_size=batch_size, shuffle=shuffle, seed=seed, require_counts=require_counts
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=collate_identity,
+            prefetch_factor=2 if self.num_workers else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader()

@@ -1,0 +1,152 @@
+"""Read rows of a shard's count matrix and obs columns with h5py, never the whole file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+from anndata.io import read_elem
+
+from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.shards import Shard, ShardCollection
+
+_CHUNK_CACHE_BYTES = 32 * 1024 * 1024
+
+
+def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Coalesce sorted row indices into [start, stop) runs."""
+    if len(rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(rows)]])
+    return [(int(rows[a]), int(rows[b - 1]) + 1) for a, b in zip(starts, stops)]
+
+
+class ShardReader:
+    """Reads row sets from the shards of a collection; one per process (h5py handles don't fork)."""
+
+    def __init__(self, collection: ShardCollection, require_counts: bool = True):
+        self.collection = collection
+        self.require_counts = require_counts
+        self._files: dict[str, h5py.File] = {}
+        self._categories: dict[tuple[str, str], np.ndarray | None] = {}
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def _file(self, shard: Shard) -> h5py.File:
+        f = self._files.get(shard.path)
+        if f is None:
+            f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+            self._files[shard.path] = f
+        return f
+
+    def read_x(self, shard: Shard, rows: np.ndarray) -> sp.csr_matrix:
+        """Rows (sorted) of the count matrix as CSR, checked for NaN and, if required, counts."""
+        f = self._file(shard)
+        x_elem = f[self.collection.x_key]
+        n_vars = self.collection.n_vars
+        runs = row_runs(rows)
+        if shard.x_encoding == "array":
+            dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_vars))
+            x = sp.csr_matrix(dense)
+        else:
+            indptr_ds, indices_ds, data_ds = x_elem["indptr"], x_elem["indices"], x_elem["data"]
+            lo, hi = runs[0][0], runs[-1][1]
+            indptr_span = indptr_ds[lo : hi + 1].astype(np.int64)
+            datas, indices, lengths = [], [], []
+            for a, b in runs:
+                p0, p1 = indptr_span[a - lo], indptr_span[b - lo]
+                datas.append(data_ds[p0:p1])
+                indices.append(indices_ds[p0:p1])
+                lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
+            data = datas[0] if len(datas) == 1 else np.concatenate(datas)
+            index = indices[0] if len(indices) == 1 else np.concatenate(indices)
+            indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
+            x = sp.csr_matrix((data, index, indptr), shape=(len(rows), n_vars))
+        self._check_values(shard, rows, x)
+        return x
+
+    def _check_values(self, shard: Shard, rows: np.ndarray, x: sp.csr_matrix) -> None:
+        data = x.data
+        if data.size == 0:
+            return
+        if self.require_counts and data.min() < 0:
+            bad = _first_row(x, data < 0)
+            raise InputError(
+                f"{shard.path}: {self.collection.x_key} has negative counts (cell row {rows[bad]}); "
+                "raw UMI counts are required"
+            )
+        if shard.x_is_integer:
+            return
+        finite = np.isfinite(data)
+        if not finite.all():
+            bad = _first_row(x, ~finite)
+            raise InputError(f"{shard.path}: {self.collection.x_key} has NaN or infinite values (cell row {rows[bad]})")
+        if self.require_counts:
+            fractional = data != np.round(data)
+            if fractional.any():
+                bad = _first_row(x, fractional)
+                raise InputError(
+                    f"{shard.path}: {self.collection.x_key} has non-integer values (cell row {rows[bad]}); "
+                    "raw UMI counts are required, not normalized data"
+                )
+
+    def read_obs_names(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
+        obs = self._file(shard)["obs"]
+        index = obs[obs.attrs.get("_index", "_index")]
+        return np.concatenate([index.asstr()[a:b] for a, b in row_runs(rows)]).astype(object)
+
+    def read_obs_column(self, shard: Shard, key: str, rows: np.ndarray) -> np.ndarray:
+        """Values of an obs column for the rows; categorical columns decode to their categories."""
+        obs = self._file(shard)["obs"]
+        elem = obs[key]
+        runs = row_runs(rows)
+        if elem.attrs.get("encoding-type") == "categorical":
+            codes = np.concatenate([elem["codes"][a:b] for a, b in runs]).astype(np.int64)
+            categories = self._shard_categories(shard, key)
+            values = np.where(codes >= 0, categories[np.maximum(codes, 0)], None)
+            return values.astype(object)
+        if isinstance(elem, h5py.Dataset) and elem.dtype.kind in "OSU":
+            return np.concatenate([elem.asstr()[a:b] for a, b in runs]).astype(object)
+        return np.concatenate([elem[a:b] for a, b in runs])
+
+    def _shard_categories(self, shard: Shard, key: str) -> np.ndarray:
+        cache_key = (shard.path, key)
+        if cache_key not in self._categories:
+            self._categories[cache_key] = np.asarray(read_elem(self._file(shard)["obs"][key]["categories"])).astype(
+                object
+            )
+        return self._categories[cache_key]
+
+    def read_batch_index(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
+        """Global batch codes for the rows (zeros when the collection has no batch key)."""
+        key = self.collection.batch_key
+        if not key:
+            return np.zeros(len(rows), dtype=np.int64)
+        elem = self._file(shard)["obs"][key]
+        runs = row_runs(rows)
+        if shard.batch_code_map is not None:
+            codes = np.concatenate([elem["codes"][a:b] for a, b in runs]).astype(np.int64)
+            if codes.size and codes.min() < 0:
+                bad = rows[int(np.argmin(codes))]
+                raise InputError(f"{shard.path}: obs[{key!r}] is missing for cell row {bad}")
+            return shard.batch_code_map[codes]
+        values = np.concatenate([elem.asstr()[a:b] for a, b in runs]).astype(str)
+        return np.searchsorted(self.collection.batch_categories.astype(str), values)
+
+
+def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:
+    first_nnz = int(np.argmax(mask))
+    return int(np.searchsorted(x.indptr, first_nnz, side="right") - 1)
+
+
+def read_rows(reader: ShardReader, pieces: Sequence[tuple[Shard, np.ndarray]]) -> sp.csr_matrix:
+    """Stack the rows of several shards into one CSR matrix."""
+    parts = [reader.read_x(shard, rows) for shard, rows in pieces]
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")

@@ -1,0 +1,12 @@
+"""The cellarium ML model API: one model per file, pure torch and pyro, no file or CLI knowledge."""
+
+from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
+from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
+
+__all__ = [
+    "CellariumModel",
+    "OnePassMeanVarStd",
+    "PredictMixin",
+    "TestMixin",
+    "ValidateMixin",
+]

@@ -1,0 +1,78 @@
+"""Helpers shared by models that accept sparse CSR or dense count batches."""
+
+from __future__ import annotations
+
+import torch
+
+
+def is_sparse(x_ng: torch.Tensor) -> bool:
+    return x_ng.layout in (torch.sparse_csr, torch.sparse_coo)
+
+
+def densify(x_ng: torch.Tensor) -> torch.Tensor:
+    """A dense view of a batch; only models that need every entry call this."""
+    return x_ng.to_dense() if is_sparse(x_ng) else x_ng
+
+
+def nonzero_entries(x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row_e, col_e, value_e) of the stored entries of a sparse or dense batch."""
+    if x_ng.layout == torch.sparse_csr:
+        crow = x_ng.crow_indices()
+        row_e = torch.repeat_interleave(torch.arange(x_ng.shape[0], device=x_ng.device), crow.diff())
+        return row_e, x_ng.col_indices(), x_ng.values()
+    if x_ng.layout == torch.sparse_coo:
+        x_ng = x_ng.coalesce()
+        return x_ng.indices()[0], x_ng.indices()[1], x_ng.values()
+    row_e, col_e = torch.nonzero(x_ng, as_tuple=True)
+    return row_e, col_e, x_ng[row_e, col_e]
+
+
+def grouped_column_moments(
+    x_ng: torch.Tensor, group_n: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group column sums of x and of x**2, in float64: shapes (n_groups, g) each.
+
+    On CPU a sparse CSR batch goes through scipy's CSR kernels on zero-copy numpy views
+    (several times faster than torch's scatter kernels on CPU); dense and GPU batches stay in torch.
+    """
+    g = x_ng.shape[1]
+    if not is_sparse(x_ng):
+        x64 = x_ng.to(torch.float64)
+        sums = torch.zeros(n_groups, g, dtype=torch.float64, device=x_ng.device)
+        squares = torch.zeros_like(sums)
+        sums.index_add_(0, group_n, x64)
+        squares.index_add_(0, group_n, x64 * x64)
+        return sums, squares
+    if x_ng.layout == torch.sparse_csr and x_ng.device.type == "cpu":
+        return _grouped_column_moments_scipy(x_ng, group_n, n_groups)
+    row_e, col_e, value_e = nonzero_entries(x_ng)
+    value_e = value_e.to(torch.float64)
+    flat_e = group_n[row_e] * g + col_e
+    sums = torch.bincount(flat_e, weights=value_e, minlength=n_groups * g).view(n_groups, g)
+    squares = torch.bincount(flat_e, weights=value_e * value_e, minlength=n_groups * g).view(n_groups, g)
+    return sums, squares
+
+
+def _grouped_column_moments_scipy(
+    x_ng: torch.Tensor, group_n: torch.Tensor, n_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    import numpy as np
+    import scipy.sparse as sp
+
+    n, g = x_ng.shape
+    value_e = x_ng.values().numpy().astype(np.float64)
+    x = sp.csr_matrix((value_e, x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=(n, g))
+    group = group_n.numpy()
+    if n > 1 and (np.diff(group) < 0).any():
+        order = np.argsort(group, kind="stable")
+        x, group = x[order], group[order]
+    x_squared = sp.csr_matrix((x.data * x.data, x.indices, x.indptr), shape=(n, g))
+    sums = np.zeros((n_groups, g))
+    squares = np.zeros((n_groups, g))
+    bounds = np.searchsorted(group, np.arange(n_groups + 1))
+    for k in np.flatnonzero(np.diff(bounds)):
+        a, b = bounds[k], bounds[k + 1]
+        ones = np.ones(b - a)
+        sums[k] = ones @ x[a:b]
+        squares[k] = ones @ x_squared[a:b]
+    return torch.from_numpy(sums), torch.from_numpy(squares)

@@ -1,0 +1,125 @@
+"""The LightningModule that runs transforms and then a model, trained or not."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from functools import cache
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin
+
+BatchDict = dict[str, Any]
+
+
+@cache
+def _parameter_names(fn: Callable) -> tuple[tuple[str, ...], bool]:
+    params = inspect.signature(fn).parameters.values()
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    names = tuple(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return names, takes_kwargs
+
+
+def call_with_batch(fn: Callable, batch: BatchDict, **extra: Any) -> Any:
+    """Call ``fn`` with the batch keys its signature names (all of them if it takes **kwargs)."""
+    names, takes_kwargs = _parameter_names(getattr(fn, "__func__", fn))
+    if takes_kwargs:
+        return fn(**batch, **extra)
+    return fn(**{k: v for k, v in batch.items() if k in names}, **extra)
+
+
+def apply_transforms(transforms: Sequence[nn.Module], batch: BatchDict) -> BatchDict:
+    """Each transform receives the keys it names and returns the keys it overwrites."""
+    for transform in transforms:
+        batch = {**batch, **call_with_batch(transform.forward, batch)}
+    return batch
+
+
+class CellariumModule(pl.LightningModule):
+    """Transforms then a model; with an optimizer when the model has trainable parameters.
+
+    Models without parameters (statistics) run with no optimizer: their ``forward`` accumulates
+    buffers and their ``on_train_epoch_end`` reduces them across ranks. The model's own hooks
+    (``on_train_start``, ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``)
+    receive the trainer.
+    """
+
+    def __init__(
+        self,
+        model: CellariumModel,
+        transforms: Sequence[nn.Module] = (),
+        optim_fn: type[torch.optim.Optimizer] = torch.optim.Adam,
+        optim_kwargs: dict[str, Any] | None = None,
+        scheduler_fn: Callable | None = None,
+        scheduler_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.transforms = nn.ModuleList(transforms)
+        self.optim_fn = optim_fn
+        self.optim_kwargs = optim_kwargs or {"lr": 1e-3}
+        self.scheduler_fn = scheduler_fn
+        self.scheduler_kwargs = scheduler_kwargs or {}
+        self.automatic_optimization = self.has_trainable_parameters
+
+    @property
+    def has_trainable_parameters(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
+    def _prepare(self, batch: BatchDict) -> BatchDict:
+        return apply_transforms(self.transforms, batch)
+
+    def forward(self, batch: BatchDict) -> dict[str, Any]:
+        return call_with_batch(self.model.forward, self._prepare(batch))
+
+    def training_step(self, batch: BatchDict, batch_idx: int) -> torch.Tensor | None:
+        output = self(batch)
+        loss = output.get("loss")
+        if loss is not None:
+            n_cells = batch["x_ng"].shape[0]
+            self.log("train_loss", loss, batch_size=n_cells, on_step=True, on_epoch=True, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch: BatchDict, batch_idx: int) -> None:
+        if isinstance(self.model, ValidateMixin):
+            call_with_batch(self.model.validate, self._prepare(batch), trainer=self.trainer, pl_module=self,
+                            batch_idx=batch_idx)
+
+    def predict_step(self, batch: BatchDict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        if not isinstance(self.model, PredictMixin):
+            raise TypeError(f"{type(self.model).__name__} does not predict")
+        prepared = self._prepare(batch)
+        output = call_with_batch(self.model.predict, prepared)
+        return {**{k: v for k, v in batch.items() if k.startswith("obs_") or k.endswith("_n")}, **output}
+
+    def configure_optimizers(self) -> Any:
+        if not self.has_trainable_parameters:
+            return None
+        optimizer = self.optim_fn(self.model.parameters(), **self.optim_kwargs)
+        if self.scheduler_fn is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_fn(optimizer, **self.scheduler_kwargs)}
+
+    def _model_hook(self, name: str) -> None:
+        hook = getattr(self.model, name, None)
+        if callable(hook):
+            hook(self.trainer)
+
+    def on_train_start(self) -> None:
+        self._model_hook("on_train_start")
+
+    def on_train_epoch_start(self) -> None:
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+        self._model_hook("on_train_epoch_start")
+
+    def on_train_epoch_end(self) -> None:
+        self._model_hook("on_train_epoch_end")
+
+    def on_train_end(self) -> None:
+        self._model_hook("on_train_end")

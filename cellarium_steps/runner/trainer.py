@@ -1,0 +1,118 @@
+"""Trainer set-up shared by every step: devices, DDP strategy, progress reporting."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch import nn
+
+logger = logging.getLogger("cellarium_steps")
+
+# Expected for statistics steps and for our IterableDataset (whose __len__ is exact per rank).
+for _message in (
+    "You defined a `validation_step` but have no `val_dataloader`",
+    "`LightningModule.configure_optimizers` returned `None`",
+    "Your `IterableDataset` has `__len__` defined",
+    "`isinstance(treespec, LeafSpec)` is deprecated",
+    "The 'train_dataloader' does not have many workers",
+    "The 'predict_dataloader' does not have many workers",
+):
+    warnings.filterwarnings("ignore", message=re.escape(_message))
+
+
+class ParameterFreeDDPStrategy(DDPStrategy):
+    """DDP process group without the DistributedDataParallel wrapper.
+
+    Statistics models have no trainable parameters, which DistributedDataParallel refuses;
+    they only need the process group, to all-reduce their buffers at epoch end.
+    """
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:  # type: ignore[override]
+        return model
+
+
+class ProgressLog(pl.Callback):
+    """One log line every ``every_s`` seconds: batches, cells and cells per second (rank 0)."""
+
+    def __init__(self, every_s: float = 30.0):
+        self.every_s = every_s
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._cells = 0
+
+    on_predict_epoch_start = on_train_epoch_start  # type: ignore[assignment]
+
+    def _advance(self, trainer: pl.Trainer, batch: dict, batch_idx: int, total: Any) -> None:
+        self._cells += batch["x_ng"].shape[0]
+        now = time.monotonic()
+        if trainer.global_rank == 0 and now - self._last >= self.every_s:
+            self._last = now
+            rate = self._cells * trainer.world_size / max(now - self._start, 1e-9)
+            logger.info(
+                "epoch %d: batch %d/%s, ~%d cells, %.0f cells/s",
+                trainer.current_epoch, batch_idx + 1, total, self._cells * trainer.world_size, rate,
+            )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self._advance(trainer, batch, batch_idx, trainer.num_training_batches)
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+        self._advance(trainer, batch, batch_idx, "?")
+
+
+def build_trainer(
+    *,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    max_epochs: int = 1,
+    trainable: bool = False,
+    callbacks: Sequence[pl.Callback] = (),
+    default_root_dir: str | None = None,
+    progress_every_s: float = 30.0,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one device."""
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    n_devices = _device_count(devices, accelerator)
+    strategy: Any = "auto"
+    if n_devices > 1:
+        backend = "nccl" if accelerator in ("gpu", "cuda") else "gloo"
+        strategy = (
+            DDPStrategy(process_group_backend=backend, broadcast_buffers=False)
+            if trainable
+            else ParameterFreeDDPStrategy(process_group_backend=backend)
+        )
+    trainer_kwargs.setdefault("logger", False)
+    trainer_kwargs.setdefault("enable_checkpointing", False)
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy=strategy,
+        max_epochs=max_epochs,
+        callbacks=[*callbacks, ProgressLog(progress_every_s)],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=default_root_dir,
+        **trainer_kwargs,
+    )
+
+
+def _device_count(devices: int | str, accelerator: str) -> int:
+    if isinstance(devices, int):
+        return devices if devices > 0 else (torch.cuda.device_count() if accelerator != "cpu" else 1)
+    if str(devices).isdigit():
+        return int(devices)
+    if accelerator in ("gpu", "cuda"):
+        return torch.cuda.device_count()
+    return 1

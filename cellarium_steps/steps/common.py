@@ -1,0 +1,176 @@
+"""What every step shares: common options, --config files, provenance, clean failure."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import yaml
+
+from cellarium_steps import __version__
+from cellarium_steps.data.errors import InputError
+
+logger = logging.getLogger("cellarium_steps")
+
+_PROVENANCE_PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "numpy", "scipy", "pandas", "pyarrow", "crick")
+
+
+class ConfigError(InputError):
+    """A wrong key or value in --config or on the command line."""
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 10_000) -> None:
+    """The options every step takes, with the same names and meanings."""
+    group = parser.add_argument_group("common options")
+    group.add_argument(
+        "--input", nargs="+", metavar="H5AD",
+        help="the .h5ad shards: paths, or a quoted glob such as 'shards/*.h5ad' (required)",
+    )
+    group.add_argument("--output", metavar="PATH", help="path of the step's main output file (required)")
+    group.add_argument(
+        "--batch-key", metavar="COLUMN", default=None,
+        help="obs column with each cell's batch; statistics are kept per batch (default: no batches)",
+    )
+    group.add_argument(
+        "--batch-size", type=int, default=batch_size, metavar="N",
+        help=f"cells per batch read from the shards (default: {batch_size}); memory grows with it",
+    )
+    group.add_argument(
+        "--num-workers", type=int, default=0, metavar="N",
+        help="DataLoader worker processes reading shards in parallel per device (default: 0, read in the main process)",
+    )
+    group.add_argument(
+        "--devices", default="1", metavar="N",
+        help="devices (processes) to run on; more than 1 runs Lightning DDP (default: 1)",
+    )
+    group.add_argument(
+        "--accelerator", default="auto", choices=("auto", "cpu", "gpu"),
+        help="where to compute: cpu, gpu, or auto (gpu if CUDA is available; default)",
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same outputs (default: 0)")
+    group.add_argument(
+        "--config", metavar="YAML",
+        help="a YAML file whose keys are these options' long names (dashes or underscores); "
+        "options given on the command line win",
+    )
+    group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], required: Sequence[str] = ("input", "output")) -> argparse.Namespace:
+    """Parse argv on top of --config defaults; unknown config keys and missing options are errors."""
+    pre, _ = parser.parse_known_args(argv)
+    config_path = getattr(pre, "config", None)
+    if config_path:
+        parser.set_defaults(**load_config(config_path, parser))
+    args = parser.parse_args(argv)
+    missing = [name for name in required if getattr(args, name, None) in (None, [], "")]
+    if missing:
+        parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
+    if isinstance(args.input, str):
+        args.input = [args.input]
+    args.devices = _parse_devices(args.devices)
+    for name in ("batch_size",):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def _parse_devices(value: Any) -> int | str:
+    text = str(value)
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    if text == "auto":
+        return text
+    raise ConfigError(f"--devices: expected a positive number or 'auto', got {value!r}")
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML config and check every key against the step's options."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: {path}: no such file")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config: {path}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path}: expected a mapping of option names to values")
+    known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in known:
+            suggestions = ", ".join(sorted(d.replace("_", "-") for d in known))
+            raise ConfigError(f"--config: {path}: unknown key {key!r} (known: {suggestions})")
+        action = known[dest]
+        if action.type is not None and value is not None and not isinstance(value, list):
+            try:
+                value = action.type(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--config: {path}: key {key!r}: cannot read {value!r} as {action.type.__name__}") from None
+        if action.choices is not None and value not in action.choices:
+            raise ConfigError(f"--config: {path}: key {key!r}: {value!r} is not one of {list(action.choices)}")
+        values[dest] = value
+    return values
+
+
+def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Versions and configuration that made an output, stored beside or inside it."""
+    versions = {"cellarium-steps": __version__, "python": platform.python_version()}
+    for package in _PROVENANCE_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    config = {k: v for k, v in vars(args).items() if k not in ("func", "quiet")}
+    return {
+        "step": step,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+        "config": config,
+        "versions": versions,
+    }
+
+
+def provenance_json(step: str, args: argparse.Namespace) -> str:
+    return json.dumps(provenance(step, args), default=str, sort_keys=True)
+
+
+def configure_logging(quiet: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_guarded(step: str, fn: Callable[[], None]) -> int:
+    """Run a step; bad input ends it with one line naming the file and field, and exit code 2."""
+    try:
+        fn()
+    except InputError as e:
+        print(f"cellarium-steps {step}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cellarium-steps {step}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _one_line(error: Exception) -> str:
+    """The error's own message, also when a DataLoader worker wrapped it in a traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
