@@ -2,11 +2,13 @@
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
 from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
+from cellarium_steps.models.tdigest import TDigest
 
 __all__ = [
     "CellariumModel",
     "OnePassMeanVarStd",
     "PredictMixin",
+    "TDigest",
     "TestMixin",
     "ValidateMixin",
 ]
