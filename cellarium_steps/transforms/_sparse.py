@@ -1,0 +1,47 @@
+"""Elementwise and column operations that keep a sparse CSR batch sparse."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return torch.sparse_csr_tensor(crow, col, values, size=shape, check_invariants=False)
+
+
+def map_values(x_ng: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """fn applied to the stored entries (fn(0) must be 0)."""
+    if x_ng.layout == torch.sparse_csr:
+        return _csr(x_ng.crow_indices(), x_ng.col_indices(), fn(x_ng.values()), x_ng.shape)
+    return fn(x_ng)
+
+
+def scale_rows(x_ng: torch.Tensor, scale_n: torch.Tensor) -> torch.Tensor:
+    if x_ng.layout == torch.sparse_csr:
+        crow = x_ng.crow_indices()
+        scale_e = torch.repeat_interleave(scale_n.to(x_ng.values().dtype), crow.diff().long())
+        return _csr(crow, x_ng.col_indices(), x_ng.values() * scale_e, x_ng.shape)
+    return x_ng * scale_n[:, None].to(x_ng.dtype)
+
+
+def select_columns(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+    """Columns ``index_k`` in that order; sparse input gives sparse CSR output with sorted columns."""
+    if x_ng.layout != torch.sparse_csr:
+        return x_ng.index_select(1, index_k)
+    n, g = x_ng.shape
+    k = index_k.shape[0]
+    new_col_g = torch.full((g,), -1, dtype=torch.long, device=x_ng.device)
+    new_col_g[index_k] = torch.arange(k, device=x_ng.device)
+    crow = x_ng.crow_indices().long()
+    mapped_e = new_col_g[x_ng.col_indices().long()]
+    keep_e = mapped_e >= 0
+    row_e = torch.repeat_interleave(torch.arange(n, device=x_ng.device), crow.diff())[keep_e]
+    col_e = mapped_e[keep_e]
+    values_e = x_ng.values()[keep_e]
+    order_e = torch.argsort(row_e * k + col_e)
+    counts_n = torch.bincount(row_e, minlength=n)
+    new_crow = torch.zeros(n + 1, dtype=torch.long, device=x_ng.device)
+    new_crow[1:] = torch.cumsum(counts_n, 0)
+    return _csr(new_crow, col_e[order_e], values_e[order_e], torch.Size((n, k)))
