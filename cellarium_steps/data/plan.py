@@ -76,7 +76,7 @@ class EpochPlan:
         n_blocks = math.ceil(size / block)
         rng = np.random.default_rng([self.seed, self.epoch, shard_index + 1])
         starts = rng.permutation(n_blocks) * block
-        return np.concatenate([np.arange(s, min(s + block, size)) for s in starts])
+        return np.concatenate([np.arange(s, min(s + block, size)) for s in starts] or [np.zeros(0, np.int64)])
 
     def batch_bounds(self, rank: int | None = None) -> list[tuple[int, int]]:
         """[start, stop) positions in the epoch order of each batch of a rank."""

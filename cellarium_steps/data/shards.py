@@ -204,4 +204,4 @@ def _describe_gene_mismatch(path: str, genes: np.ndarray, first_path: str, first
     if len(genes) != len(first_genes):
         return f"{path}: var_names has {len(genes)} genes, {first_path} has {len(first_genes)}"
     i = int(np.flatnonzero(genes != first_genes)[0])
-    return f"{path}: var_names differ from {first_path}'s at gene {i} ({genes[i]!r} vs {first_genes[i]!r})"
+    return f"{path}: var_names differ from {first_path}'s at gene {i} ({str(genes[i])!r} vs {str(first_genes[i])!r})"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cellarium_steps.atomic import write_csv_atomically
-from cellarium_steps.models._tensors import grouped_column_moments
+from cellarium_steps.models._tensors import grouped_column_moments, is_sparse
 from cellarium_steps.models.base import CellariumModel, check_var_names
 
 
@@ -84,19 +84,30 @@ class OnePassMeanVarStd(CellariumModel):
         if n_cells == 0:
             return {}
 
-        sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
         size_b = torch.bincount(batch_index_n, minlength=self.n_batch).to(torch.float64)
-        if self.algorithm == "shifted_data":
-            if not self._shift_set:
-                self.x_shift_g.copy_(sums_bg.sum(0) / n_cells)
-                self._shift_set = True
-            shift_g = self.x_shift_g
+        if self.algorithm == "naive":
+            sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
+        elif is_sparse(x_ng):
+            # Shifting would fill the zeros; shift this minibatch's exact sums instead.
+            sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
+            shift_g = self._shift_from(sums_bg.sum(0) / n_cells)
             squared_sums_bg = squared_sums_bg - 2 * shift_g * sums_bg + size_b[:, None] * shift_g**2
             sums_bg = sums_bg - size_b[:, None] * shift_g
+        else:
+            x64_ng = x_ng.to(torch.float64)
+            shift_g = self._shift_from(x64_ng.mean(0))
+            sums_bg, squared_sums_bg = grouped_column_moments(x64_ng - shift_g, batch_index_n, self.n_batch)
         self.x_sums_bg += sums_bg
         self.x_squared_sums_bg += squared_sums_bg
         self.x_size_b += size_b
         return {}
+
+    def _shift_from(self, first_mean_g: torch.Tensor) -> torch.Tensor:
+        """The shift is the mean of the first minibatch this rank sees; later minibatches reuse it."""
+        if not self._shift_set:
+            self.x_shift_g.copy_(first_mean_g)
+            self._shift_set = True
+        return self.x_shift_g
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         self.reset_parameters()

@@ -1,0 +1,232 @@
+"""Shared helpers for the benchmarks in this folder: cached demo shards, timing, tables.
+
+Not a benchmark itself; see ``bench_*.py``. Reproduce e.g. the mean-var benchmark with::
+
+    .venv/bin/python benchmarks/bench_mean_var.py --cells 200000 --also-cells 1000000
+
+Timings and memory are of whole subprocesses (a fresh interpreter per tool), so imports,
+file reading and writing are included on both sides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO_ROOT / "benchmarks"
+OUT_DIR = BENCH_DIR / "out"
+
+SOURCE_FILE = "pbmc_multibatch_15493x7152_raw.h5ad"
+OBS_COLUMNS = ("batch", "source", "cell_type_ontology_term_id", "cell_type")
+SHARED_DATA_ENV = "CELLARIUM_SHARED_DATA"
+
+POLL_SECONDS = 0.05
+_STDERR_TAIL_CHARS = 4000
+
+
+class CommandFailed(RuntimeError):
+    """A measured command exited non-zero; ``how`` says how, e.g. ``killed by signal 9``."""
+
+    def __init__(self, message: str, returncode: int, how: str):
+        super().__init__(message)
+        self.returncode = returncode
+        self.how = how
+
+
+def shared_data_dir() -> Path:
+    """``$CELLARIUM_SHARED_DATA`` if set, else ``<repo>/../shared/data``."""
+    override = os.environ.get(SHARED_DATA_ENV)
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "data"
+
+
+def source_h5ad() -> Path:
+    """The real PBMC file the benchmark shards are resampled from; exits with a clear message if absent."""
+    path = shared_data_dir() / SOURCE_FILE
+    if not path.is_file():
+        sys.exit(
+            f"benchmark data not found: {path}\n"
+            f"Put {SOURCE_FILE} in <repo>/../shared/data/ or point ${SHARED_DATA_ENV} at the folder holding it."
+        )
+    return path
+
+
+def ensure_resampled_shards(n_cells: int, n_shards: int = 10, seed: int = 0) -> list[str]:
+    """``n_shards`` shards of ``n_cells`` cells bootstrapped (binomially thinned) from the real PBMC file.
+
+    Built once under ``benchmarks/out/shards_{n_cells}/`` and reused while every shard exists and
+    the recorded parameters (shard count, seed, source file) match; otherwise rebuilt.
+    """
+    from cellarium_steps.data.simulate import resample_shards
+
+    source = source_h5ad()
+    out_dir = OUT_DIR / f"shards_{n_cells}"
+    width = max(3, len(str(n_shards - 1)))
+    expected = [out_dir / f"shard_{s:0{width}d}.h5ad" for s in range(n_shards)]
+    params = {
+        "source": SOURCE_FILE,
+        "source_bytes": source.stat().st_size,
+        "n_cells": n_cells,
+        "n_shards": n_shards,
+        "seed": seed,
+        "obs_columns": list(OBS_COLUMNS),
+    }
+    manifest = out_dir / "manifest.json"
+    if all(p.is_file() for p in expected) and manifest.is_file():
+        try:
+            if json.loads(manifest.read_text()) == params:
+                return [str(p) for p in expected]
+        except (OSError, ValueError):
+            pass
+    if out_dir.is_dir():
+        for stale in out_dir.glob("shard_*.h5ad"):
+            stale.unlink()
+        manifest.unlink(missing_ok=True)
+    print(f"[harness] resampling {n_cells:,} cells into {n_shards} shards under {out_dir} ...", file=sys.stderr)
+    start = time.perf_counter()
+    paths = resample_shards(
+        str(source), str(out_dir), n_cells=n_cells, n_shards=n_shards, seed=seed, obs_columns=OBS_COLUMNS
+    )
+    manifest.write_text(json.dumps(params, indent=2) + "\n")
+    print(f"[harness] shards written in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return paths
+
+
+def _tree_rss_bytes(proc) -> int:
+    """RSS summed over a psutil.Process and all its living descendants; vanished processes count 0."""
+    import psutil
+
+    total = 0
+    try:
+        members = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in members:
+        try:
+            total += member.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def _tail(path: str, n_chars: int = _STDERR_TAIL_CHARS) -> str:
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - n_chars))
+        return f.read().decode(errors="replace")
+
+
+def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> dict:
+    """Run ``cmd``; return its wall time and the peak RSS of its whole process tree.
+
+    The tree (the command and every descendant, e.g. DataLoader workers and DDP ranks) is
+    sampled with psutil every 50 ms and the RSS of its members summed; ``peak_rss_mb`` is the
+    largest sum seen. Pages shared between forked processes count once per process, as in
+    ``ps``. ``max_single_rss_mb`` is the kernel's high-water mark of the single largest process
+    (from ``wait4``), which also catches spikes shorter than a sampling interval.
+    Raises ``CommandFailed`` (a ``RuntimeError``) with the tail of its stderr if the command exits non-zero.
+    """
+    import psutil
+
+    cmd = [str(c) for c in cmd]
+    with tempfile.NamedTemporaryFile(prefix="bench_stderr_", suffix=".log", delete=False) as err_file:
+        err_path = err_file.name
+    try:
+        with open(err_path, "wb") as err:
+            start = time.perf_counter()
+            popen = subprocess.Popen(cmd, env=None if env is None else dict(env), stdout=subprocess.DEVNULL, stderr=err)
+            done = threading.Event()
+            result: dict = {}
+
+            def reap() -> None:
+                # Blocking wait4 in a thread: the end time is exact, not rounded up to the next poll.
+                _, status, usage = os.wait4(popen.pid, 0)
+                result["end"] = time.perf_counter()
+                result["status"] = status
+                result["usage"] = usage
+                done.set()
+
+            proc = psutil.Process(popen.pid)  # before the reaper can reap it
+            reaper = threading.Thread(target=reap, daemon=True)
+            reaper.start()
+            peak = 0
+            while not done.is_set():
+                peak = max(peak, _tree_rss_bytes(proc))
+                done.wait(POLL_SECONDS)
+            reaper.join()
+        returncode = os.waitstatus_to_exitcode(result["status"])
+        popen.returncode = returncode  # reaped above; keep Popen from waiting again
+        wall = result["end"] - start
+        if returncode != 0:
+            how = f"killed by signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
+            raise CommandFailed(
+                f"command failed ({how}) after {wall:.1f} s: {' '.join(cmd)}\n--- stderr tail ---\n{_tail(err_path)}",
+                returncode,
+                how,
+            )
+        # ru_maxrss is in KiB on Linux.
+        return {
+            "cmd": cmd,
+            "returncode": returncode,
+            "wall_s": wall,
+            "peak_rss_mb": peak / 2**20,
+            "max_single_rss_mb": result["usage"].ru_maxrss / 1024,
+        }
+    finally:
+        os.unlink(err_path)
+
+
+def warm_up(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    """Run ``cmd`` once, untimed, so that the timed run reads its inputs from the page cache too.
+
+    Nothing is dropped from the cache (no root needed); instead both sides start equally warm.
+    """
+    measure(cmd, env)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return "" if value is None else str(value)
+
+
+def print_table(rows: list[dict]) -> str:
+    """Print ``rows`` as a fixed-width text table, then as markdown; return the text table.
+
+    Columns are the union of the rows' keys in first-seen order; numbers are right-aligned.
+    """
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    numeric = [
+        all(isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool) or row.get(c) is None for row in rows)
+        for c in columns
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    text_lines = [line(columns), "  ".join("-" * w for w in widths), *(line(r) for r in cells)]
+    text = "\n".join(text_lines)
+    md_lines = [
+        "| " + " | ".join(columns) + " |",
+        "|" + "|".join("---:" if num else "---" for num in numeric) + "|",
+        *("| " + " | ".join(r) + " |" for r in cells),
+    ]
+    markdown = "\n".join(md_lines)
+    print(text)
+    print()
+    print(markdown)
+    return text
