@@ -74,12 +74,15 @@ def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], requir
     missing = [name for name in required if getattr(args, name, None) in (None, [], "")]
     if missing:
         parser.error("missing " + ", ".join("--" + m.replace("_", "-") for m in missing))
-    if isinstance(args.input, str):
+    if isinstance(getattr(args, "input", None), str):
         args.input = [args.input]
-    args.devices = _parse_devices(args.devices)
-    for name in ("batch_size",):
+    if hasattr(args, "devices"):
+        args.devices = _parse_devices(args.devices)
+    for name in ("batch_size", "n_cells", "n_genes", "n_batches", "n_shards", "n_cell_types"):
         if getattr(args, name, 1) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if getattr(args, "num_workers", 0) < 0:
+        parser.error("--num-workers must be 0 or more")
     return args
 
 

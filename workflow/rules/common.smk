@@ -1,0 +1,57 @@
+# Config helpers and input functions: no science here, only wiring.
+import glob
+import shlex
+
+RESULTS = config["results"]
+DEMO_SHARDS = f"{RESULTS}/demo_shards"
+
+
+def user_shards():
+    """The configured shards, globs expanded; empty when the demo data is used."""
+    patterns = config.get("input")
+    if not patterns:
+        return []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise WorkflowError(f"config input: no file matches {pattern!r}")
+        paths += matches
+    return paths
+
+
+def shard_inputs(wildcards=None):
+    return user_shards() or [DEMO_SHARDS]
+
+
+def shard_args(wildcards, input):
+    """The --input arguments: the user's files, or the demo directory's shards."""
+    shards = user_shards()
+    if shards:
+        return " ".join(shlex.quote(p) for p in shards)
+    return shlex.quote(f"{DEMO_SHARDS}/*.h5ad")
+
+
+def step_options(step):
+    """A step's config section as long options, e.g. {batch_size: 10} -> --batch-size 10."""
+    options = []
+    for key, value in (config.get(step) or {}).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            options += [flag] if value else []
+        elif isinstance(value, list):
+            options += [flag, *map(str, value)]
+        else:
+            options += [flag, str(value)]
+    return " ".join(shlex.quote(o) for o in options)
+
+
+def common_options():
+    options = ["--seed", str(config["seed"]), "--accelerator", config["accelerator"], "--devices", str(config["devices"])]
+    return " ".join(shlex.quote(o) for o in options)
+
+
+def batch_key_option():
+    key = config.get("batch_key")
+    return f"--batch-key {shlex.quote(key)}" if key else ""
