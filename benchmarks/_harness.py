@@ -100,7 +100,12 @@ def ensure_resampled_shards(n_cells: int, n_shards: int = 10, seed: int = 0) -> 
 
 
 def _tree_rss_bytes(proc) -> int:
-    """RSS summed over a psutil.Process and all its living descendants; vanished processes count 0."""
+    """Proportional set size (PSS) summed over a process and its living descendants.
+
+    PSS splits pages shared by forked processes (DataLoader workers, DDP ranks) between them, so
+    the sum is the tree's real footprint; plain RSS would count the shared torch libraries once
+    per process. Falls back to RSS where PSS is unavailable; vanished processes count 0.
+    """
     import psutil
 
     total = 0
@@ -110,7 +115,8 @@ def _tree_rss_bytes(proc) -> int:
         return 0
     for member in members:
         try:
-            total += member.memory_info().rss
+            info = member.memory_full_info()
+            total += getattr(info, "pss", info.rss)
         except psutil.Error:
             pass
     return total
@@ -128,9 +134,8 @@ def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> dict:
     """Run ``cmd``; return its wall time and the peak RSS of its whole process tree.
 
     The tree (the command and every descendant, e.g. DataLoader workers and DDP ranks) is
-    sampled with psutil every 50 ms and the RSS of its members summed; ``peak_rss_mb`` is the
-    largest sum seen. Pages shared between forked processes count once per process, as in
-    ``ps``. ``max_single_rss_mb`` is the kernel's high-water mark of the single largest process
+    sampled with psutil every 50 ms and the PSS of its members summed; ``peak_rss_mb`` is the
+    largest sum seen. ``max_single_rss_mb`` is the kernel's high-water mark of the single largest process
     (from ``wait4``), which also catches spikes shorter than a sampling interval.
     Raises ``CommandFailed`` (a ``RuntimeError``) with the tail of its stderr if the command exits non-zero.
     """

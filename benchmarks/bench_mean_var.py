@@ -13,7 +13,7 @@ untimed warm-up run (so both read from the page cache):
     per-source and overall mean / population variance with scipy.sparse in float64.
 
 The outputs must agree (relative error < 1e-9, overall per gene from the CSV and per source from
-the Parquet), then one table is printed: wall time, peak RSS of the whole process tree, and the
+the Parquet), then one table is printed: wall time, peak memory (PSS summed over the whole process tree), and the
 ratio of our wall time to the reference's. With ``--also-cells`` the second size shows whether
 our peak memory stays flat as the number of cells grows.
 """
@@ -126,7 +126,7 @@ def run_size(args: argparse.Namespace, n_cells: int) -> list[dict]:
             results[tool] = measure(cmd)
             res = results[tool]
             print(
-                f"[bench] {n_cells:,} cells: {tool}: {res['wall_s']:.2f} s, peak tree RSS {res['peak_rss_mb']:,.0f} MB "
+                f"[bench] {n_cells:,} cells: {tool}: {res['wall_s']:.2f} s, peak tree PSS {res['peak_rss_mb']:,.0f} MB "
                 f"(largest single process {res['max_single_rss_mb']:,.0f} MB)",
                 file=sys.stderr,
             )
@@ -152,12 +152,12 @@ def run_size(args: argparse.Namespace, n_cells: int) -> list[dict]:
         if isinstance(res, dict):
             ratio = ours["wall_s"] / reference["wall_s"] if isinstance(reference, dict) else None
             rows.append({
-                "tool": tool, "cells": n_cells, "wall s": res["wall_s"], "peak RSS MB": res["peak_rss_mb"],
+                "tool": tool, "cells": n_cells, "wall s": res["wall_s"], "peak mem MB": res["peak_rss_mb"],
                 "ours/ref wall": ratio if tool == jobs[0][0] else (1.0 if ratio is not None else None),
             })  # fmt: skip
         else:
             rows.append({"tool": f"{tool} (failed: {res})", "cells": n_cells, "wall s": None,
-                         "peak RSS MB": None, "ours/ref wall": None})  # fmt: skip
+                         "peak mem MB": None, "ours/ref wall": None})  # fmt: skip
     return rows
 
 
@@ -197,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(ours_rows) == 2:
         small, large = ours_rows
         print(
-            f"\nmemory flatness: cellarium-steps peak RSS {small['peak RSS MB']:,.0f} MB at {small['cells']:,} cells, "
-            f"{large['peak RSS MB']:,.0f} MB at {large['cells']:,} cells "
-            f"(x{large['peak RSS MB'] / small['peak RSS MB']:.2f} for x{large['cells'] / small['cells']:.1f} cells)"
+            f"\nmemory flatness: cellarium-steps peak memory {small['peak mem MB']:,.0f} MB at {small['cells']:,} cells, "
+            f"{large['peak mem MB']:,.0f} MB at {large['cells']:,} cells "
+            f"(x{large['peak mem MB'] / small['peak mem MB']:.2f} for x{large['cells'] / small['cells']:.1f} cells)"
         )
     return 0
 
