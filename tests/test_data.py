@@ -49,7 +49,7 @@ def collect(dataset: ShardedCellDataset, world_size: int, num_workers: int) -> t
 @pytest.mark.parametrize(("world_size", "num_workers"), [(1, 0), (2, 2), (3, 1), (3, 3)])
 def test_every_cell_read_once(shard_dir: Path, world_size: int, num_workers: int) -> None:
     collection = open_shards(str(shard_dir / "*.h5ad"), batch_key="batch")
-    dataset = ShardedCellDataset(collection, batch_size=16, shuffle=True, seed=5)
+    dataset = ShardedCellDataset(collection, batch_size=16, shuffle=True, seed=5, shuffle_block_size=4, shuffle_window=20)
     names, steps = collect(dataset, world_size, num_workers)
     assert len(names) == 100 and len(set(names)) == 100
     assert len(set(steps)) == 1

@@ -26,7 +26,8 @@ def all_cells(plan_kwargs: dict, world_size: int, num_workers: int) -> tuple[lis
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_every_cell_once_and_equal_steps(world_size: int, num_workers: int, shuffle: bool) -> None:
     sizes = np.array([1000, 1, 0, 357, 64])
-    kwargs = dict(shard_sizes=sizes, batch_size=100, shuffle=shuffle, seed=3, epoch=1, shuffle_block_size=16)
+    kwargs = dict(shard_sizes=sizes, batch_size=100, shuffle=shuffle, seed=3, epoch=1, shuffle_block_size=16,
+                  shuffle_window=48)
     cells, steps = all_cells(kwargs, world_size, num_workers)
     expected = {(s, r) for s, n in enumerate(sizes) for r in range(n)}
     assert len(cells) == sizes.sum()

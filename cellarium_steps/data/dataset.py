@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,9 +12,9 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cellarium_steps.data.plan import EpochPlan
+from cellarium_steps.data.plan import BatchPiece, EpochPlan
 from cellarium_steps.data.reader import ShardReader
-from cellarium_steps.data.shards import ShardCollection
+from cellarium_steps.data.shards import Shard, ShardCollection
 
 # torch flags its sparse CSR layout as beta on every construction; we rely on its stable subset.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
@@ -47,7 +48,8 @@ class ShardedCellDataset(IterableDataset):
         shuffle: bool = False,
         seed: int = 0,
         require_counts: bool = True,
-        shuffle_block_size: int = 64,
+        shuffle_block_size: int = 16,
+        shuffle_window: int = 4096,
     ):
         self.collection = collection
         self.batch_size = batch_size
@@ -55,6 +57,7 @@ class ShardedCellDataset(IterableDataset):
         self.seed = seed
         self.require_counts = require_counts
         self.shuffle_block_size = shuffle_block_size
+        self.shuffle_window = shuffle_window
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
@@ -75,6 +78,7 @@ class ShardedCellDataset(IterableDataset):
             seed=self.seed,
             epoch=self.epoch,
             shuffle_block_size=self.shuffle_block_size,
+            shuffle_window=self.shuffle_window,
         )
 
     def __len__(self) -> int:
@@ -85,34 +89,64 @@ class ShardedCellDataset(IterableDataset):
         info = get_worker_info()
         worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
         reader = ShardReader(self.collection, require_counts=self.require_counts)
-        shards = self.collection.shards
+        window_cache: dict[tuple[int, int], _RowBlock] = {}
         try:
             for pieces in self.plan().batches(worker_id, num_workers):
-                yield self._read_batch(reader, [(shards[p.shard_index], p.rows) for p in pieces])
+                blocks = [self._read_piece(reader, piece, window_cache) for piece in pieces]
+                yield self._to_batch(blocks)
         finally:
             reader.close()
 
-    def _read_batch(self, reader: ShardReader, pieces: list) -> BatchDict:
-        xs, names, batch_codes = [], [], []
-        columns: dict[str, list[np.ndarray]] = {key: [] for key in self.collection.obs_columns}
-        for shard, rows in pieces:
-            xs.append(reader.read_x(shard, rows))
-            names.append(reader.read_obs_names(shard, rows))
-            batch_codes.append(reader.read_batch_index(shard, rows))
-            for key in columns:
-                columns[key].append(reader.read_obs_column(shard, key, rows))
-        x = xs[0] if len(xs) == 1 else sp.vstack(xs, format="csr")
+    def _read_piece(self, reader: ShardReader, piece: BatchPiece, window_cache: dict) -> _RowBlock:
+        shard = self.collection.shards[piece.shard_index]
+        if piece.window_rows is None:
+            return self._read_rows(reader, shard, piece.rows)
+        key = (piece.shard_index, piece.window)
+        if key not in window_cache:
+            # One window at a time: memory stays at one window, whatever the shard size.
+            window_cache.clear()
+            window_cache[key] = self._read_rows(reader, shard, piece.window_rows)
+        return window_cache[key].select(np.searchsorted(piece.window_rows, piece.rows))
+
+    def _read_rows(self, reader: ShardReader, shard: Shard, rows: np.ndarray) -> _RowBlock:
+        return _RowBlock(
+            x=reader.read_x(shard, rows),
+            obs_names=reader.read_obs_names(shard, rows),
+            batch_codes=reader.read_batch_index(shard, rows),
+            columns={key: reader.read_obs_column(shard, key, rows) for key in self.collection.obs_columns},
+        )
+
+    def _to_batch(self, blocks: list[_RowBlock]) -> BatchDict:
+        x = blocks[0].x if len(blocks) == 1 else sp.vstack([b.x for b in blocks], format="csr")
         total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
         batch: BatchDict = {
             "x_ng": csr_to_torch(x),
             "var_names_g": self.collection.var_names_g,
-            "obs_names_n": np.concatenate(names),
-            "batch_index_n": torch.from_numpy(np.concatenate(batch_codes)),
+            "obs_names_n": np.concatenate([b.obs_names for b in blocks]),
+            "batch_index_n": torch.from_numpy(np.concatenate([b.batch_codes for b in blocks])),
             "total_mrna_umis_n": torch.from_numpy(total_n).float(),
         }
-        for key, parts in columns.items():
-            batch[f"{key}_n"] = np.concatenate(parts)
+        for key in self.collection.obs_columns:
+            batch[f"{key}_n"] = np.concatenate([b.columns[key] for b in blocks])
         return batch
+
+
+@dataclass
+class _RowBlock:
+    """Matrix rows and obs values of one set of rows of a shard."""
+
+    x: sp.csr_matrix
+    obs_names: np.ndarray
+    batch_codes: np.ndarray
+    columns: dict[str, np.ndarray]
+
+    def select(self, index: np.ndarray) -> _RowBlock:
+        return _RowBlock(
+            x=self.x[index],
+            obs_names=self.obs_names[index],
+            batch_codes=self.batch_codes[index],
+            columns={key: values[index] for key, values in self.columns.items()},
+        )
 
 
 def collate_identity(batch: BatchDict) -> BatchDict:

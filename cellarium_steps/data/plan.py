@@ -4,13 +4,18 @@ The plan is pure arithmetic on shard sizes, so every process derives the same sp
 without talking to the others:
 
 * the epoch's cell order is the shards in order (or permuted by seed and epoch), and
-  within a shard its rows in order (or contiguous blocks of rows permuted);
+  within a shard its rows in order; shuffled, a shard's rows are cut into small blocks whose
+  order is permuted, and then cells are permuted within consecutive *windows* of
+  ``shuffle_window`` cells. A batch is thus a random sample of a window, which spans
+  ``shuffle_window / shuffle_block_size`` random places of the shard; a loader worker reads a
+  whole window once (few contiguous runs) and serves its batches from memory;
 * rank ``r`` of ``W`` takes the contiguous slice ``[N*r//W, N*(r+1)//W)`` of that order;
 * every rank cuts its slice into the same number of batches, ``ceil(ceil(N/W) / batch_size)``,
   whose sizes differ by at most one cell. Ranks therefore run the same number of steps
   (DDP needs that) and no cell is padded or repeated;
-* batch ``j`` of a rank goes to loader worker ``j % num_workers``, which is the order in
-  which a DataLoader collects batches from its workers.
+* unshuffled, batch ``j`` of a rank goes to loader worker ``j % num_workers``, the order in
+  which a DataLoader collects batches from its workers; shuffled, batches go to workers by
+  window, so that each window is read by one worker.
 """
 
 from __future__ import annotations
@@ -24,10 +29,16 @@ import numpy as np
 
 @dataclass(frozen=True)
 class BatchPiece:
-    """Rows of one shard that belong to one batch (sorted, so they read as few runs)."""
+    """Rows of one shard that belong to one batch (sorted, so they read as few runs).
+
+    When shuffled, ``window_rows`` are all rows of the read window the piece lies in
+    (sorted), and ``window`` identifies it within the shard, so a reader can cache it.
+    """
 
     shard_index: int
     rows: np.ndarray
+    window: int = -1
+    window_rows: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,8 @@ class EpochPlan:
     shuffle: bool = False
     seed: int = 0
     epoch: int = 0
-    shuffle_block_size: int = 64
+    shuffle_block_size: int = 16
+    shuffle_window: int = 4096
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -76,7 +88,10 @@ class EpochPlan:
         n_blocks = math.ceil(size / block)
         rng = np.random.default_rng([self.seed, self.epoch, shard_index + 1])
         starts = rng.permutation(n_blocks) * block
-        return np.concatenate([np.arange(s, min(s + block, size)) for s in starts] or [np.zeros(0, np.int64)])
+        rows = np.concatenate([np.arange(s, min(s + block, size)) for s in starts] or [np.zeros(0, np.int64)])
+        for w in range(0, size, self.shuffle_window):
+            rows[w : w + self.shuffle_window] = rng.permutation(rows[w : w + self.shuffle_window])
+        return rows
 
     def batch_bounds(self, rank: int | None = None) -> list[tuple[int, int]]:
         """[start, stop) positions in the epoch order of each batch of a rank."""
@@ -92,7 +107,8 @@ class EpochPlan:
         offsets = np.concatenate([[0], np.cumsum(sizes)])
         cached: tuple[int, np.ndarray | None] = (-1, None)
         for j, (start, stop) in enumerate(self.batch_bounds()):
-            if j % num_workers != worker_id:
+            owner = (start // self.shuffle_window) if self.shuffle else j
+            if owner % num_workers != worker_id:
                 continue
             pieces = []
             first = int(np.searchsorted(offsets, start, side="right")) - 1
@@ -104,6 +120,12 @@ class EpochPlan:
                 if cached[0] != shard_index:
                     cached = (shard_index, self.shard_rows(shard_index))
                 shard_rows = cached[1]
-                rows = np.arange(a, b) if shard_rows is None else np.sort(shard_rows[a:b])
-                pieces.append(BatchPiece(shard_index, rows))
+                if shard_rows is None:
+                    pieces.append(BatchPiece(shard_index, np.arange(a, b)))
+                    continue
+                window_size = self.shuffle_window
+                for w in range(a // window_size, (b - 1) // window_size + 1):
+                    lo, hi = max(a, w * window_size), min(b, (w + 1) * window_size)
+                    window_rows = np.sort(shard_rows[w * window_size : (w + 1) * window_size])
+                    pieces.append(BatchPiece(shard_index, np.sort(shard_rows[lo:hi]), w, window_rows))
             yield pieces

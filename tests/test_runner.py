@@ -1,0 +1,85 @@
+"""The Lightning runner: transforms then model, param-free and trained models, epochs and shuffling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellarium_steps.data import ShardDataModule
+from cellarium_steps.models import CellariumModel
+from cellarium_steps.runner import CellariumModule, build_trainer
+from cellarium_steps.transforms import Log1p, NormalizeTotal
+from test_data import GENES, make_adata
+
+
+class RecordCells(CellariumModel):
+    """Remembers which cells each epoch saw, and in which order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[list[str]] = []
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.epochs = []
+
+    def on_train_epoch_start(self, trainer) -> None:  # noqa: ANN001
+        self.epochs.append([])
+
+    def forward(self, obs_names_n: np.ndarray) -> dict:
+        self.epochs[-1].extend(obs_names_n)
+        return {}
+
+
+class TinyRegression(CellariumModel):
+    def __init__(self, n_genes: int) -> None:
+        super().__init__()
+        self.w_g = torch.nn.Parameter(torch.zeros(n_genes))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        torch.nn.init.zeros_(self.w_g)
+
+    def forward(self, x_ng: torch.Tensor, total_mrna_umis_n: torch.Tensor) -> dict:
+        prediction_n = x_ng.to_dense() @ self.w_g
+        return {"loss": ((prediction_n - 1.0) ** 2).mean()}
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> str:
+    for i in range(3):
+        make_adata(40, GENES, ["a", "b"], seed=i, prefix=f"s{i}-").write_h5ad(tmp_path / f"s{i}.h5ad")
+    return str(tmp_path / "*.h5ad")
+
+
+def order_of_epochs(shards: str, seed: int) -> list[list[str]]:
+    model = RecordCells()
+    datamodule = ShardDataModule(shards, batch_size=16, shuffle=True, seed=seed)
+    build_trainer(accelerator="cpu", max_epochs=3).fit(CellariumModule(model), datamodule=datamodule)
+    return model.epochs
+
+
+def test_shuffling_changes_with_epoch_and_seed_only(shards: str) -> None:
+    first, again, other_seed = order_of_epochs(shards, 0), order_of_epochs(shards, 0), order_of_epochs(shards, 1)
+    assert all(sorted(epoch) == sorted(first[0]) and len(set(epoch)) == 120 for epoch in first)
+    assert first == again
+    assert first[0] != first[1] != first[2]
+    assert first[0] != other_seed[0]
+
+
+def test_trained_model_learns_through_transforms(shards: str) -> None:
+    model = TinyRegression(len(GENES))
+    module = CellariumModule(model, transforms=[NormalizeTotal(10.0), Log1p()], optim_kwargs={"lr": 0.05})
+    datamodule = ShardDataModule(shards, batch_size=32, shuffle=True)
+    trainer = build_trainer(accelerator="cpu", max_epochs=5, trainable=True)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.has_trainable_parameters and module.automatic_optimization
+    assert trainer.callback_metrics["train_loss_epoch"] < 0.2
+
+
+def test_param_free_model_runs_without_optimizer(shards: str) -> None:
+    module = CellariumModule(RecordCells())
+    assert not module.has_trainable_parameters and module.configure_optimizers() is None
