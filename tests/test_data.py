@@ -150,3 +150,16 @@ def test_normalized_data_allowed_when_counts_not_required(tmp_path: Path) -> Non
     adata.write_h5ad(tmp_path / "norm.h5ad")
     dataset = ShardedCellDataset(open_shards(str(tmp_path / "norm.h5ad")), batch_size=10, require_counts=False)
     assert len(list(dataset)) == 1
+
+
+def test_shuffled_batches_keep_rows_and_names_together(shard_dir: Path) -> None:
+    collection = open_shards(str(shard_dir / "*.h5ad"), batch_key="batch", obs_columns=["label"])
+    full = ad.concat([ad.read_h5ad(shard_dir / f"s{i}.h5ad") for i in range(3)])
+    dataset = ShardedCellDataset(collection, batch_size=8, shuffle=True, seed=2, shuffle_block_size=3, shuffle_window=10)
+    seen = []
+    for batch in DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=collate_identity):
+        rows = full.obs_names.get_indexer(batch["obs_names_n"])
+        np.testing.assert_array_equal(batch["x_ng"].to_dense().numpy(), full.X[rows].toarray())
+        np.testing.assert_array_equal(batch["label_n"], full.obs["label"].to_numpy()[rows])
+        seen += list(batch["obs_names_n"])
+    assert sorted(seen) == sorted(full.obs_names)
