@@ -83,3 +83,20 @@ def test_trained_model_learns_through_transforms(shards: str) -> None:
 def test_param_free_model_runs_without_optimizer(shards: str) -> None:
     module = CellariumModule(RecordCells())
     assert not module.has_trainable_parameters and module.configure_optimizers() is None
+
+
+def test_checkpoint_rebuilds_the_pipeline(shards: str, tmp_path: Path) -> None:
+    from cellarium_steps.runner.recipe import spec
+
+    recipe = {
+        "model": spec(TinyRegression, n_genes=len(GENES)),
+        "transforms": [spec(NormalizeTotal, target_count=10.0), spec(Log1p)],
+    }
+    module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": 0.05})
+    trainer = build_trainer(accelerator="cpu", max_epochs=2, trainable=True)
+    trainer.fit(module, datamodule=ShardDataModule(shards, batch_size=32))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    restored = CellariumModule.from_checkpoint(str(tmp_path / "model.ckpt"))
+    torch.testing.assert_close(restored.model.w_g, module.model.w_g)
+    assert [type(t) for t in restored.transforms] == [NormalizeTotal, Log1p]
+    assert restored.transforms[0].target_count == 10.0

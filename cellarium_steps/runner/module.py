@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin
+from cellarium_steps.runner.recipe import RECIPE_KEY, instantiate, load_checkpoint
 
 BatchDict = dict[str, Any]
 
@@ -56,9 +57,11 @@ class CellariumModule(pl.LightningModule):
         optim_kwargs: dict[str, Any] | None = None,
         scheduler_fn: Callable | None = None,
         scheduler_kwargs: dict[str, Any] | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
+        self.recipe = recipe
         self.transforms = nn.ModuleList(transforms)
         self.optim_fn = optim_fn
         self.optim_kwargs = optim_kwargs or {"lr": 1e-3}
@@ -103,6 +106,24 @@ class CellariumModule(pl.LightningModule):
         if self.scheduler_fn is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_fn(optimizer, **self.scheduler_kwargs)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.recipe is not None:
+            checkpoint[RECIPE_KEY] = self.recipe
+
+    @classmethod
+    def from_recipe(cls, recipe: dict[str, Any], **module_kwargs: Any) -> CellariumModule:
+        """Build transforms and model from a recipe (see :mod:`cellarium_steps.runner.recipe`)."""
+        transforms = [instantiate(t) for t in recipe.get("transforms", [])]
+        return cls(instantiate(recipe["model"]), transforms=transforms, recipe=recipe, **module_kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> CellariumModule:
+        """Rebuild the pipeline a checkpoint was trained with and load its weights."""
+        checkpoint = load_checkpoint(path, map_location)
+        module = cls.from_recipe(checkpoint[RECIPE_KEY])
+        module.load_state_dict(checkpoint["state_dict"])
+        return module
 
     def _model_hook(self, name: str) -> None:
         hook = getattr(self.model, name, None)
