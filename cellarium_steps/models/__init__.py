@@ -1,11 +1,13 @@
 """The cellarium ML model API: one model per file, pure torch and pyro, no file or CLI knowledge."""
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
+from cellarium_steps.models.hvg_seurat_v3 import HVGSeuratV3
 from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
 from cellarium_steps.models.tdigest import TDigest
 
 __all__ = [
     "CellariumModel",
+    "HVGSeuratV3",
     "OnePassMeanVarStd",
     "PredictMixin",
     "TDigest",
