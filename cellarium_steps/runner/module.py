@@ -45,8 +45,8 @@ class CellariumModule(pl.LightningModule):
 
     Models without parameters (statistics) run with no optimizer: their ``forward`` accumulates
     buffers and their ``on_train_epoch_end`` reduces them across ranks. The model's own hooks
-    (``on_train_start``, ``on_train_epoch_start``, ``on_train_epoch_end``, ``on_train_end``)
-    receive the trainer.
+    (``on_train_start``, ``on_train_epoch_start``, ``on_train_batch_start``, ``on_train_epoch_end``,
+    ``on_train_end``) receive the trainer.
     """
 
     def __init__(
@@ -138,6 +138,9 @@ class CellariumModule(pl.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
         self._model_hook("on_train_epoch_start")
+
+    def on_train_batch_start(self, batch: BatchDict, batch_idx: int) -> None:
+        self._model_hook("on_train_batch_start")
 
     def on_train_epoch_end(self) -> None:
         self._model_hook("on_train_epoch_end")
