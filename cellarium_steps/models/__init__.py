@@ -3,6 +3,8 @@
 from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
 from cellarium_steps.models.hvg_seurat_v3 import HVGSeuratV3
 from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
+from cellarium_steps.models.probabilistic_pca import ProbabilisticPCA
+from cellarium_steps.models.scvi import SingleCellVariationalInference
 from cellarium_steps.models.tdigest import TDigest
 
 __all__ = [
@@ -10,6 +12,8 @@ __all__ = [
     "HVGSeuratV3",
     "OnePassMeanVarStd",
     "PredictMixin",
+    "ProbabilisticPCA",
+    "SingleCellVariationalInference",
     "TDigest",
     "TestMixin",
     "ValidateMixin",

@@ -1,0 +1,515 @@
+"""scVI: parity with scvi-tools on real data, the model's options, and the train-scvi step."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from cellarium_steps.data.dataset import collate_identity
+from cellarium_steps.data.simulate import simulate_shards
+from cellarium_steps.models import SingleCellVariationalInference
+from cellarium_steps.models.scvi import scvi_tools_default_architecture
+from cellarium_steps.runner import CellariumModule, build_trainer
+from cellarium_steps.steps.cli import main as cli_main
+from conftest import run_cli
+
+RELATIVE_TOLERANCE = 1e-5
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((ours.detach() - reference.detach()).abs().max() / reference.detach().abs().max().clamp_min(1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parity with scvi-tools
+
+
+@pytest.fixture(scope="module")
+def pbmc_small(pbmc_multibatch: ad.AnnData) -> ad.AnnData:
+    """500 cells x the 200 highest-variance genes of the real multi-batch PBMC file."""
+    rng = np.random.default_rng(0)
+    adata = pbmc_multibatch[np.sort(rng.choice(pbmc_multibatch.n_obs, 500, replace=False))].copy()
+    x = adata.X.astype(np.float64)
+    mean_g = np.asarray(x.mean(0)).ravel()
+    var_g = np.asarray(x.multiply(x).mean(0)).ravel() - mean_g**2
+    adata = adata[:, np.sort(np.argsort(-var_g, kind="stable")[:200])].copy()
+    adata.obs["source"] = adata.obs["source"].astype(str).astype("category")
+    adata.obs["chemistry"] = adata.obs["chemistry"].astype(str).astype("category")
+    adata.obs["noise"] = rng.normal(size=adata.n_obs)
+    return adata
+
+
+def _copy_linear(state: dict, ours: dict, ours_prefix: str, weight: torch.Tensor, bias: torch.Tensor,
+                 n_in: int, n_batch: int) -> None:
+    """scvi-tools' Linear([input, one-hot batch, one-hot covariates]) into our split weights."""
+    ours[f"{ours_prefix}.weight"] = weight[:, :n_in]
+    if f"{ours_prefix}.batch_weight" in state:
+        ours[f"{ours_prefix}.batch_weight"] = weight[:, n_in : n_in + n_batch]
+    if f"{ours_prefix}.categorical_weight" in state:
+        ours[f"{ours_prefix}.categorical_weight"] = weight[:, n_in + n_batch :]
+    n_used = sum(ours[f"{ours_prefix}.{k}"].shape[1] for k in ("weight", "batch_weight", "categorical_weight")
+                 if f"{ours_prefix}.{k}" in ours)
+    assert n_used == weight.shape[1]
+    ours[f"{ours_prefix}.bias"] = bias
+
+
+def scvi_tools_state_to_ours(vae: torch.nn.Module, model: SingleCellVariationalInference, n_layers: int) -> dict:
+    """Map an scvi-tools VAE's weights onto our module names (the same architecture)."""
+    theirs = vae.state_dict()
+    state = model.state_dict()
+    ours: dict[str, torch.Tensor] = {}
+
+    def batch_norm(theirs_prefix: str, ours_prefix: str) -> None:
+        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            ours[f"{ours_prefix}.{key}"] = theirs[f"{theirs_prefix}.{key}"]
+
+    n_batch = model.n_batch_features
+    for i in range(n_layers):
+        t = f"z_encoder.encoder.fc_layers.Layer {i}"
+        _copy_linear(state, ours, f"z_encoder.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"], theirs[f"{t}.0.bias"],
+                     theirs[f"{t}.0.weight"].shape[1], 0)
+        batch_norm(f"{t}.1", f"z_encoder.hidden.layers.{i}.batch_norm")
+        t = f"decoder.px_decoder.fc_layers.Layer {i}"
+        n_in = state[f"decoder.hidden.layers.{i}.layer.weight"].shape[1]
+        _copy_linear(state, ours, f"decoder.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"], theirs[f"{t}.0.bias"],
+                     n_in, n_batch)
+        batch_norm(f"{t}.1", f"decoder.hidden.layers.{i}.batch_norm")
+    for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
+        for key in ("weight", "bias"):
+            ours[f"z_encoder.{ours_name}.{key}"] = theirs[f"z_encoder.{theirs_name}.{key}"]
+    for key in ("weight", "bias"):
+        ours[f"decoder.scale_layer.{key}"] = theirs[f"decoder.px_scale_decoder.0.{key}"]
+        if "decoder.dispersion_layer.weight" in state:
+            ours[f"decoder.dispersion_layer.{key}"] = theirs[f"decoder.px_r_decoder.{key}"]
+    if "px_r" in state:
+        ours["px_r"] = theirs["px_r"]
+    assert set(ours) == set(state), set(ours) ^ set(state)
+    return ours
+
+
+def paired_gradients(model: SingleCellVariationalInference, vae: torch.nn.Module, n_layers: int):
+    """Yield (name, our gradient, scvi-tools' gradient of the same numbers) for every parameter."""
+    ours = dict(model.named_parameters())
+    theirs = dict(vae.named_parameters())
+    for i in range(n_layers):
+        for side, theirs_prefix in (("z_encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
+            t = f"{theirs_prefix}.fc_layers.Layer {i}"
+            layer = f"{side}.hidden.layers.{i}.layer"
+            weight = theirs[f"{t}.0.weight"].grad
+            n_in = ours[f"{layer}.weight"].shape[1]
+            yield f"{layer}.weight", ours[f"{layer}.weight"].grad, weight[:, :n_in]
+            n_b = ours[f"{layer}.batch_weight"].shape[1] if f"{layer}.batch_weight" in ours else 0
+            if n_b:
+                yield f"{layer}.batch_weight", ours[f"{layer}.batch_weight"].grad, weight[:, n_in : n_in + n_b]
+            if f"{layer}.categorical_weight" in ours:
+                yield f"{layer}.categorical_weight", ours[f"{layer}.categorical_weight"].grad, weight[:, n_in + n_b :]
+            yield f"{layer}.bias", ours[f"{layer}.bias"].grad, theirs[f"{t}.0.bias"].grad
+            for key in ("weight", "bias"):
+                norm = f"{side}.hidden.layers.{i}.batch_norm.{key}"
+                yield norm, ours[norm].grad, theirs[f"{t}.1.{key}"].grad
+    for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
+        for key in ("weight", "bias"):
+            yield ours_name, ours[f"z_encoder.{ours_name}.{key}"].grad, theirs[f"z_encoder.{theirs_name}.{key}"].grad
+    for key in ("weight", "bias"):
+        yield "scale_layer", ours[f"decoder.scale_layer.{key}"].grad, theirs[f"decoder.px_scale_decoder.0.{key}"].grad
+        if f"decoder.dispersion_layer.{key}" in ours:
+            yield ("dispersion_layer", ours[f"decoder.dispersion_layer.{key}"].grad,
+                   theirs[f"decoder.px_r_decoder.{key}"].grad)
+    if "px_r" in ours:
+        yield "px_r", ours["px_r"].grad, theirs["px_r"].grad
+
+
+PARITY_CASES = {
+    # The default scVI the brief names: one hidden layer, NB, per-gene dispersion, one-hot batch.
+    "default-eval": dict(n_layers=1, dispersion="gene", covariates=False, train_mode=False),
+    # Deeply injected categorical covariate, a continuous covariate, per-batch dispersion, two layers.
+    "covariates-gene-batch-eval": dict(n_layers=2, dispersion="gene-batch", covariates=True, train_mode=False),
+    # Batch norm on batch statistics (training mode, dropout off) and per-cell dispersion.
+    "gene-cell-train-mode": dict(n_layers=1, dispersion="gene-cell", covariates=False, train_mode=True),
+}
+
+
+@pytest.mark.parametrize("case", list(PARITY_CASES))
+def test_parity_with_scvi_tools(case: str, pbmc_small: ad.AnnData) -> None:
+    scvi = pytest.importorskip("scvi", reason="scvi-tools is not installed")
+    from scvi import REGISTRY_KEYS
+
+    options = PARITY_CASES[case]
+    n_layers, dispersion, covariates = options["n_layers"], options["dispersion"], options["covariates"]
+    adata = pbmc_small.copy()
+    scvi.model.SCVI.setup_anndata(
+        adata, batch_key="source",
+        categorical_covariate_keys=["chemistry"] if covariates else None,
+        continuous_covariate_keys=["noise"] if covariates else None,
+    )
+    torch.manual_seed(0)
+    reference = scvi.model.SCVI(adata, n_hidden=128, n_layers=n_layers, n_latent=10, gene_likelihood="nb",
+                                dispersion=dispersion)
+    # Trained briefly, so weights and batch-norm statistics are no longer their initial values.
+    reference.train(max_epochs=2, accelerator="cpu", batch_size=128, enable_progress_bar=False, logger=False,
+                    enable_checkpointing=False)
+    vae = reference.module
+
+    n_cats_per_cov = [adata.obs["chemistry"].cat.categories.size] if covariates else None
+    encoder, decoder = scvi_tools_default_architecture(n_hidden=128, n_layers=n_layers)
+    model = SingleCellVariationalInference(
+        adata.var_names.values, encoder, decoder, n_batch=adata.obs["source"].cat.categories.size, n_latent=10,
+        n_continuous_cov=1 if covariates else 0, n_cats_per_cov=n_cats_per_cov, dispersion=dispersion,
+        gene_likelihood="nb", kl_warmup_epochs=None, kl_warmup_steps=None,
+    )
+    model.load_state_dict(scvi_tools_state_to_ours(vae, model, n_layers))
+
+    loader = reference._make_data_loader(adata=adata, indices=np.arange(256), batch_size=256, shuffle=False)
+    tensors = next(iter(loader))
+    x_ng = tensors[REGISTRY_KEYS.X_KEY]
+    batch_index_n1 = tensors[REGISTRY_KEYS.BATCH_KEY]
+    cont_nc = tensors.get(REGISTRY_KEYS.CONT_COVS_KEY)
+    cat_nd = tensors.get(REGISTRY_KEYS.CAT_COVS_KEY)
+
+    for module in (vae, model):
+        module.train(options["train_mode"])
+        for dropout in (m for m in module.modules() if isinstance(m, torch.nn.Dropout)):
+            dropout.p = 0.0  # train-mode parity needs no random masks; eval mode has none anyway
+        module.zero_grad()
+
+    # The same epsilon for the reparametrised z: each side draws it first from the same seed.
+    torch.manual_seed(1)
+    inference = vae._regular_inference(x_ng, batch_index_n1, cont_covs=cont_nc, cat_covs=cat_nd)
+    generative = vae.generative(inference["z"], inference["library"], batch_index_n1, cont_covs=cont_nc,
+                                cat_covs=cat_nd)
+    expected = vae.loss(tensors, inference, generative, kl_weight=1.0)
+    expected.loss.backward()
+
+    torch.manual_seed(1)
+    output = model(x_ng, adata.var_names.values, batch_index_n1[:, 0], continuous_covariates_nc=cont_nc,
+                   categorical_covariate_index_nd=cat_nd)
+    output["loss"].backward()
+
+    assert relative_error(output["loss"], expected.loss) < RELATIVE_TOLERANCE
+    expected_reconstruction_n = expected.reconstruction_loss["reconstruction_loss"]
+    assert relative_error(output["reconstruction_loss"], expected_reconstruction_n) < RELATIVE_TOLERANCE
+    assert relative_error(output["kl_divergence_z"], expected.kl_local["kl_divergence_z"]) < RELATIVE_TOLERANCE
+    assert relative_error(output["z_nk"], inference["z"]) < RELATIVE_TOLERANCE
+    n_compared = 0
+    for name, ours, theirs in paired_gradients(model, vae, n_layers):
+        assert ours is not None and theirs is not None, name
+        assert relative_error(ours, theirs) < RELATIVE_TOLERANCE, name
+        n_compared += 1
+    assert n_compared >= 10
+
+    if not options["train_mode"]:
+        latent_mean_nk = model.predict(x_ng, adata.var_names.values, batch_index_n1[:, 0], cont_nc, cat_nd)["x_ng"]
+        assert relative_error(latent_mean_nk, inference["qz"].loc) < RELATIVE_TOLERANCE
+
+
+def test_kl_warmup_schedule_matches_scvi_tools() -> None:
+    pytest.importorskip("scvi", reason="scvi-tools is not installed")
+    from scvi.train._trainingplans import _compute_kl_weight
+
+    model = make_model(kl_warmup_epochs=None, kl_warmup_steps=7)
+    for step in range(10):
+        model.on_train_batch_start(types.SimpleNamespace(current_epoch=0, global_step=step))
+        assert model.z_kl_weight == pytest.approx(_compute_kl_weight(0, step, None, 7, 1.0, 0.0))
+    model = make_model(kl_warmup_epochs=4, z_kl_weight_max=0.5)
+    for epoch in range(6):
+        model.on_train_epoch_start(types.SimpleNamespace(current_epoch=epoch, global_step=100 * epoch))
+        assert model.z_kl_weight == pytest.approx(_compute_kl_weight(epoch, 100 * epoch, 4, None, 0.5, 0.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model's options, on small simulated counts
+
+GENES = np.array([f"gene{i}" for i in range(30)])
+N_BATCH = 3
+
+
+def make_model(**kwargs) -> SingleCellVariationalInference:
+    torch.manual_seed(0)
+    encoder, decoder = scvi_tools_default_architecture(n_hidden=16)
+    options = dict(n_batch=N_BATCH, n_latent=4)
+    options.update(kwargs)
+    encoder, decoder = options.pop("encoder", encoder), options.pop("decoder", decoder)
+    return SingleCellVariationalInference(GENES, encoder, decoder, **options)
+
+
+@pytest.fixture
+def counts() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    rate_ng = torch.rand(64, len(GENES), generator=generator) * 5
+    x_ng = torch.poisson(rate_ng, generator=generator)
+    x_ng[:, 0] += 1  # no cell without counts
+    batch_index_n = torch.arange(64) % N_BATCH
+    return x_ng, batch_index_n
+
+
+def test_predict_and_reconstruct_shapes(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model().eval()
+    assert model.predict(x_ng, GENES, batch_index_n)["x_ng"].shape == (64, 4)
+    reconstructed = model.reconstruct(x_ng, GENES, [4, 0, 7], batch_index_n, n_latent_samples=5)["x_ng"]
+    assert reconstructed.shape == (64, 3)
+    assert torch.isfinite(reconstructed).all() and (reconstructed > 0).all()
+
+    on_predict = make_model(reconstruct_counts_on_predict=True, reconstruction_var_names_g=["gene9", "gene2"],
+                            reconstruction_n_latent_samples=3).eval()
+    assert on_predict.predict(x_ng, GENES, batch_index_n)["x_ng"].shape == (64, 2)
+
+
+def test_reconstruct_gene_order_library_and_mean_transform(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model().eval()
+    full_ng = model.reconstruct(x_ng, GENES, list(range(len(GENES))), batch_index_n, use_latent_mean=True,
+                                reconstructed_library_size=1000)["x_ng"]
+    torch.testing.assert_close(full_ng.sum(1), torch.full((64,), 1000.0))  # softmax scale x library size
+    picked = model.reconstruct(x_ng, GENES, [9, 2, 5], batch_index_n, use_latent_mean=True,
+                               reconstructed_library_size=1000)["x_ng"]
+    torch.testing.assert_close(picked, full_ng[:, [9, 2, 5]])
+
+    per_batch = [
+        model.reconstruct(x_ng, GENES, [9, 2, 5], batch_index_n, transform_batch=b, use_latent_mean=True)["x_ng"]
+        for b in range(N_BATCH)
+    ]
+    mean = model.reconstruct(x_ng, GENES, [9, 2, 5], batch_index_n, transform_batch="mean",
+                             use_latent_mean=True)["x_ng"]
+    torch.testing.assert_close(mean, torch.stack(per_batch).mean(0))
+    assert not torch.allclose(per_batch[0], per_batch[1])
+
+
+def test_reconstruct_importance_sampling_is_a_weighted_mean(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model().eval()
+    torch.manual_seed(3)
+    weighted = model.reconstruct(x_ng, GENES, [1, 2], batch_index_n, n_latent_samples=20,
+                                 use_importance_sampling=True)["x_ng"]
+    lowest = model.reconstruct(x_ng, GENES, [1, 2], batch_index_n, n_latent_samples=1, use_latent_mean=True)["x_ng"]
+    assert weighted.shape == (64, 2) and torch.isfinite(weighted).all()
+    assert torch.allclose(weighted, lowest, rtol=0.5)  # near the latent mean's decoding, not a different scale
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(gene_likelihood="poisson"),
+        dict(dispersion="gene-batch"),
+        dict(dispersion="gene-cell"),
+        dict(batch_embedded=True, n_latent_batch=2, batch_representation_sampled=True, batch_kl_weight_max=0.5,
+             dispersion="gene-batch"),
+        dict(use_layer_norm="both", use_batch_norm="none", input_gene_dropout_rate=0.2),
+        dict(n_cats_per_cov=[2, 1], n_continuous_cov=1,
+             encoder={"hidden_layers": [{"class_path": "LinearWithBatchAndCovariates",
+                                         "init_args": {"out_features": 8}}],
+                      "final_layer": {"class_path": "cellarium_steps.models.scvi.LinearWithBatch"},
+                      "input_continuous_covariates": True},
+             decoder={"hidden_layers": [], "final_layer": {"class_path": "LinearWithBatchAndCovariates"},
+                      "final_additive_bias": True}),
+        dict(use_size_factor_key=True),
+    ],
+    ids=["poisson", "gene-batch", "gene-cell", "embedded-sampled-batch", "layer-norm-gene-dropout",
+         "covariates-additive-bias", "size-factor"],
+)
+def test_options_train(options: dict, counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model(kl_warmup_epochs=None, **options)
+    extra: dict = {}
+    if options.get("n_cats_per_cov"):
+        codes_n2 = torch.stack([torch.arange(64) % 2, torch.zeros(64, dtype=torch.long)], 1)
+        extra["categorical_covariate_index_nd"] = codes_n2
+        extra["continuous_covariates_nc"] = torch.randn(64, 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        optimizer.zero_grad()
+        output = model(x_ng, GENES, batch_index_n, total_mrna_umis_n=x_ng.sum(1) * 2, **extra)
+        output["loss"].backward()
+        optimizer.step()
+        losses.append(output["loss"].item())
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    model.eval()
+    assert model.predict(x_ng, GENES, batch_index_n, extra.get("continuous_covariates_nc"),
+                         extra.get("categorical_covariate_index_nd"))["x_ng"].shape == (64, 4)
+    if options.get("n_cats_per_cov"):
+        with pytest.raises(ValueError, match="transform_categorical_covariates"):
+            model.reconstruct(x_ng, GENES, [0], batch_index_n, transform_batch=1, n_latent_samples=2, **extra)
+        out = model.reconstruct(x_ng, GENES, [0], batch_index_n, transform_batch=1,
+                                transform_categorical_covariates=[1, 0], n_latent_samples=2, **extra)
+        assert out["x_ng"].shape == (64, 1)
+
+
+def test_sparse_csr_input_equals_dense(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model().eval()
+    torch.manual_seed(5)
+    dense = model(x_ng, GENES, batch_index_n)
+    torch.manual_seed(5)
+    sparse = model(x_ng.to_sparse_csr(), GENES, batch_index_n)
+    for key in ("loss", "reconstruction_loss", "kl_divergence_z", "z_nk"):
+        torch.testing.assert_close(sparse[key], dense[key])
+    torch.testing.assert_close(model.predict(x_ng.to_sparse_csr(), GENES, batch_index_n)["x_ng"],
+                               model.predict(x_ng, GENES, batch_index_n)["x_ng"])
+
+
+def test_bad_batch_index_is_named(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model()
+    bad_n = batch_index_n.clone()
+    bad_n[17] = N_BATCH + 4
+    with pytest.raises(ValueError, match=rf"batch index {N_BATCH + 4} \(cell 17"):
+        model(x_ng, GENES, bad_n)
+    with pytest.raises(ValueError, match="var_names_g"):
+        model(x_ng[:, :-1], GENES[:-1], batch_index_n)
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        (dict(gene_likelihood="zinb"), NotImplementedError, "zinb"),
+        (dict(latent_distribution="ln"), NotImplementedError, "logistic normal"),
+        (dict(dispersion="gene-label"), NotImplementedError, "labels"),
+        (dict(cell_type_categories=["CL:0000540"]), NotImplementedError, "validation metrics"),
+        (dict(use_batch_norm="sometimes"), ValueError, "use_batch_norm"),
+        (dict(decoder={"hidden_layers": [{"class_path": "Conv1d", "init_args": {"out_features": 3}}],
+                       "final_layer": {"class_path": "Linear"}}), ValueError, "unknown layer class_path 'Conv1d'"),
+        (dict(encoder={"hidden_layers": [{"class_path": "Linear", "init_args": {}}],
+                       "final_layer": {"class_path": "Linear"}}), ValueError, "out_features"),
+    ],
+)
+def test_unsupported_options_fail_clearly(options: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        make_model(**options)
+
+
+def test_architecture_dict_is_not_mutated_and_cellarium_ml_paths_read() -> None:
+    encoder = {"hidden_layers": [{"class_path": "cellarium.ml.models.scvi.LinearWithBatch",
+                                  "init_args": {"out_features": 8, "batch_to_bias_hidden_layers": []},
+                                  "dressing_init_args": {"use_batch_norm": True, "dropout_rate": 0.1}}],
+               "final_layer": {"class_path": "torch.nn.Linear", "init_args": {}}}
+    snapshot = repr(encoder)
+    model = make_model(encoder=encoder)
+    assert repr(encoder) == snapshot
+    assert model.z_encoder.hidden.layers[0].layer.batch_weight.shape == (8, N_BATCH)
+
+
+def fit(model: SingleCellVariationalInference, x_ng: torch.Tensor, batch_index_n: torch.Tensor, max_epochs: int,
+        n_batches: int) -> CellariumModule:
+    batches = [
+        {"x_ng": x_b.to_sparse_csr(), "var_names_g": GENES, "batch_index_n": b_b}
+        for x_b, b_b in zip(x_ng.chunk(n_batches), batch_index_n.chunk(n_batches))
+    ]
+    module = CellariumModule(model, optim_kwargs={"lr": 1e-2})
+    trainer = build_trainer(accelerator="cpu", max_epochs=max_epochs, trainable=True)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=collate_identity))
+    assert model.global_step == trainer.global_step == max_epochs * n_batches
+    return module
+
+
+def test_kl_warmup_by_steps_reaches_maximum_in_training(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model(kl_warmup_epochs=None, kl_warmup_steps=6, kl_annealing_start=0.25, z_kl_weight_max=0.8)
+    model.on_train_epoch_start(types.SimpleNamespace(current_epoch=0, global_step=0))
+    assert model.z_kl_weight == pytest.approx(0.2)
+    model.on_train_epoch_start(types.SimpleNamespace(current_epoch=0, global_step=3))
+    assert model.z_kl_weight == pytest.approx(0.8 * (0.25 + 0.75 * 3 / 6))
+    fit(model, x_ng, batch_index_n, max_epochs=2, n_batches=4)  # 8 steps
+    assert model.z_kl_weight == pytest.approx(0.8)
+
+
+def test_kl_warmup_by_epochs_reaches_maximum_at_the_configured_epoch() -> None:
+    model = make_model(kl_warmup_epochs=3, kl_warmup_steps=2)  # epochs win, as in scvi-tools
+    weights = []
+    for epoch in range(5):
+        model.on_train_epoch_start(types.SimpleNamespace(current_epoch=epoch, global_step=10 * epoch))
+        weights.append(model.z_kl_weight)
+    assert weights == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 1.0])
+
+
+def test_flow_prior_trains(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    model = make_model(use_flow=True, flow_hidden_features=[16, 16], kl_warmup_epochs=None)
+    flow_before = [p.detach().clone() for p in model.flow_prior.parameters()]
+    fit(model, x_ng, batch_index_n, max_epochs=2, n_batches=2)
+    assert any(not torch.equal(a, b) for a, b in zip(flow_before, model.flow_prior.parameters()))
+    model.eval()
+    output = model(x_ng, GENES, batch_index_n)
+    assert torch.isfinite(output["loss"]) and torch.isfinite(output["kl_divergence_z"]).all()
+    weighted = model.reconstruct(x_ng, GENES, [0, 1], batch_index_n, n_latent_samples=4, use_importance_sampling=True)
+    assert torch.isfinite(weighted["x_ng"]).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cellarium-steps train-scvi
+
+
+def test_train_scvi_cli(tmp_path: Path) -> None:
+    from cellarium_steps.steps.train_scvi import load_scvi_checkpoint
+
+    # What `cellarium-steps simulate --output DIR --n-cells 600 --n-genes 100` writes, without a second process.
+    simulate_shards(str(tmp_path / "sim"), n_cells=600, n_genes=100)
+    shard = ad.read_h5ad(sorted((tmp_path / "sim").glob("*.h5ad"))[0])
+    all_genes = shard.var_names.tolist()
+    hvg = pd.DataFrame({"gene": all_genes, "highly_variable": [i % 2 == 0 for i in range(len(all_genes))]})
+    hvg.to_csv(tmp_path / "hvg.csv", index=False)
+    genes = [g for i, g in enumerate(all_genes) if i % 2 == 0]
+    output = tmp_path / "out" / "scvi.ckpt"
+    run_cli("train-scvi", "--input", str(tmp_path / "sim" / "*.h5ad"), "--batch-key", "batch", "--genes",
+            str(tmp_path / "hvg.csv"), "--max-epochs", "2", "--batch-size", "128", "--n-hidden", "32",
+            "--accelerator", "cpu", "--output", str(output), "--quiet")
+    assert output.exists() and (tmp_path / "out" / "scvi.ckpt.d" / "last.ckpt").exists()
+    assert (tmp_path / "out" / "scvi.ckpt.provenance.json").exists()
+
+    module, metadata = load_scvi_checkpoint(str(output))
+    checkpoint = torch.load(output, weights_only=True)
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 10  # 2 epochs of ceil(600 / 128) steps
+    assert metadata["genes"] == genes and metadata["hyper_parameters"]["var_names_g"] == genes
+    assert metadata["batch_key"] == "batch" and len(metadata["batch_categories"]) == 4
+    assert metadata["hyper_parameters"]["kl_warmup_steps"] == 2  # a quarter of the run's 10 steps
+    batch = {
+        "x_ng": torch.tensor(shard.X[:50].toarray(), dtype=torch.float32).to_sparse_csr(),
+        "var_names_g": shard.var_names.values,
+        "batch_index_n": torch.zeros(50, dtype=torch.long),
+        "obs_names_n": shard.obs_names.values[:50],
+    }
+    with torch.no_grad():
+        latent = module.predict_step(batch, 0)["x_ng"]
+    assert latent.shape == (50, 10) and torch.isfinite(latent).all()
+
+
+def test_train_scvi_rejects_unknown_genes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    simulate_shards(str(tmp_path / "sim"), n_cells=40, n_genes=20, n_shards=1)
+    (tmp_path / "genes.txt").write_text("CD3D\nNOT_A_GENE\n")
+    code = cli_main(["train-scvi", "--input", str(tmp_path / "sim" / "shard_000.h5ad"), "--genes",
+                     str(tmp_path / "genes.txt"), "--output", str(tmp_path / "m.ckpt"), "--accelerator", "cpu"])
+    assert code == 2 and "NOT_A_GENE" in capsys.readouterr().err
+    assert not (tmp_path / "m.ckpt").exists() and not (tmp_path / "m.ckpt.d").exists()
+
+
+def test_train_scvi_requires_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import scipy.sparse as sp
+
+    path = tmp_path / "normalized.h5ad"
+    ad.AnnData(
+        X=sp.csr_matrix(np.full((20, 5), 0.5, dtype=np.float32)),
+        obs=pd.DataFrame(index=[f"c{i}" for i in range(20)]),
+        var=pd.DataFrame(index=[f"g{i}" for i in range(5)]),
+    ).write_h5ad(path)
+    code = cli_main(["train-scvi", "--input", str(path), "--output", str(tmp_path / "m.ckpt"), "--accelerator", "cpu"])
+    assert code == 2 and "non-integer" in capsys.readouterr().err
+    assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_validation_logs_loss_terms(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
+    x_ng, batch_index_n = counts
+    batches = [{"x_ng": x_ng.to_sparse_csr(), "var_names_g": GENES, "batch_index_n": batch_index_n,
+                "obs_names_n": np.arange(64).astype(str), "total_mrna_umis_n": x_ng.sum(1)}]
+    trainer = build_trainer(accelerator="cpu", trainable=True)
+    loader = DataLoader(batches, batch_size=None, collate_fn=collate_identity)
+    metrics = trainer.validate(CellariumModule(make_model()), loader, verbose=False)[0]
+    assert {"val_loss", "val_reconstruction_loss", "val_kl_divergence_z"} <= set(metrics)
+    assert np.isfinite(metrics["val_loss"])
