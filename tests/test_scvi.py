@@ -448,7 +448,8 @@ def test_flow_prior_trains(counts: tuple[torch.Tensor, torch.Tensor]) -> None:
 
 
 def test_train_scvi_cli(tmp_path: Path) -> None:
-    from cellarium_steps.steps.train_scvi import load_scvi_checkpoint
+    from cellarium_steps.runner import CellariumModule
+    from cellarium_steps.runner.recipe import RECIPE_KEY
 
     # What `cellarium-steps simulate --output DIR --n-cells 600 --n-genes 100` writes, without a second process.
     simulate_shards(str(tmp_path / "sim"), n_cells=600, n_genes=100)
@@ -464,12 +465,14 @@ def test_train_scvi_cli(tmp_path: Path) -> None:
     assert output.exists() and (tmp_path / "out" / "scvi.ckpt.d" / "last.ckpt").exists()
     assert (tmp_path / "out" / "scvi.ckpt.provenance.json").exists()
 
-    module, metadata = load_scvi_checkpoint(str(output))
+    module = CellariumModule.from_checkpoint(str(output))
     checkpoint = torch.load(output, weights_only=True)
+    recipe = checkpoint[RECIPE_KEY]
+    model_args = recipe["model"]["init_args"]
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 10  # 2 epochs of ceil(600 / 128) steps
-    assert metadata["genes"] == genes and metadata["hyper_parameters"]["var_names_g"] == genes
-    assert metadata["batch_key"] == "batch" and len(metadata["batch_categories"]) == 4
-    assert metadata["hyper_parameters"]["kl_warmup_steps"] == 2  # a quarter of the run's 10 steps
+    assert recipe["transforms"][0]["init_args"]["filter_list"] == genes and model_args["var_names_g"] == genes
+    assert recipe["data"]["batch_key"] == "batch" and len(recipe["data"]["batch_categories"]) == 4
+    assert model_args["kl_warmup_steps"] == 2  # a quarter of the run's 10 steps
     batch = {
         "x_ng": torch.tensor(shard.X[:50].toarray(), dtype=torch.float32).to_sparse_csr(),
         "var_names_g": shard.var_names.values,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin
-from cellarium_steps.runner.recipe import RECIPE_KEY, instantiate, load_checkpoint
+from cellarium_steps.runner.recipe import RECIPE_KEY, instantiate, load_checkpoint, plain
 
 BatchDict = dict[str, Any]
 
@@ -109,7 +109,7 @@ class CellariumModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.recipe is not None:
-            checkpoint[RECIPE_KEY] = self.recipe
+            checkpoint[RECIPE_KEY] = plain(self.recipe)
 
     @classmethod
     def from_recipe(cls, recipe: dict[str, Any], **module_kwargs: Any) -> CellariumModule:
@@ -123,6 +123,7 @@ class CellariumModule(pl.LightningModule):
         checkpoint = load_checkpoint(path, map_location)
         module = cls.from_recipe(checkpoint[RECIPE_KEY])
         module.load_state_dict(checkpoint["state_dict"])
+        module.eval()
         return module
 
     def _model_hook(self, name: str) -> None:

@@ -1,8 +1,11 @@
 """Rebuild a trained pipeline from its checkpoint: which classes, with which arguments.
 
 A recipe is plain data: ``{"model": spec, "transforms": [spec, ...], "data": {...}}`` where a
-spec is ``{"class_path": "package.module.Class", "init_args": {...}}``. It is stored in every
+spec is ``{"class_path": "package.module.Class", "init_args": {...}}`` and "data" says what the
+inputs must look like (genes, batch key and categories, label column). It is stored in every
 Lightning checkpoint the runner writes, so ``predict`` and ``export`` need only the checkpoint.
+Recipes hold only JSON-like values (arrays become lists), so checkpoints load with
+``torch.load(weights_only=True)``: loading one never runs code from the file.
 """
 
 from __future__ import annotations
@@ -10,13 +13,29 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import numpy as np
 import torch
 
 RECIPE_KEY = "cellarium_steps_recipe"
 
 
 def spec(cls: type, **init_args: Any) -> dict[str, Any]:
-    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": init_args}
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": plain(init_args)}
+
+
+def plain(value: Any) -> Any:
+    """JSON-like values only: dicts, lists, str, int, float, bool, None."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray | torch.Tensor):
+        return plain(value.tolist())
+    return str(value)
 
 
 def instantiate(component: dict[str, Any]) -> Any:
@@ -26,8 +45,7 @@ def instantiate(component: dict[str, Any]) -> Any:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Our own checkpoints hold numpy arrays (gene names) next to tensors, hence weights_only=False."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     if RECIPE_KEY not in checkpoint:
         raise ValueError(f"{path}: not a cellarium-steps checkpoint (no {RECIPE_KEY!r} entry)")
     return checkpoint

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Sequence
@@ -11,10 +13,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
+from cellarium_steps.atomic import atomic_path
+
 logger = logging.getLogger("cellarium_steps")
+
+# Resuming writes into the checkpoint directory of the interrupted run on purpose.
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 # Expected for statistics steps and for our IterableDataset (whose __len__ is exact per rank).
 for _message in (
@@ -93,7 +102,9 @@ def build_trainer(
             else ParameterFreeDDPStrategy(process_group_backend=backend)
         )
     trainer_kwargs.setdefault("logger", False)
-    trainer_kwargs.setdefault("enable_checkpointing", False)
+    trainer_kwargs.setdefault("enable_checkpointing", any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    if trainer_kwargs["enable_checkpointing"]:
+        trainer_kwargs.setdefault("plugins", [AtomicCheckpointIO()])
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -116,3 +127,31 @@ def _device_count(devices: int | str, accelerator: str) -> int:
     if accelerator in ("gpu", "cuda"):
         return torch.cuda.device_count()
     return 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write each checkpoint under a temporary name and rename it, so a killed run never leaves a torn file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        with atomic_path(path) as tmp:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+
+
+def epoch_checkpointing(output: str) -> tuple[ModelCheckpoint, str | None]:
+    """Checkpoint every epoch to ``<output>.d/last.ckpt``; return the callback and the checkpoint to resume from."""
+    checkpoint_dir = output + ".d"
+    callback = ModelCheckpoint(
+        dirpath=checkpoint_dir, filename="epoch{epoch:04d}", auto_insert_metric_name=False,
+        save_last=True, save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False,
+    )
+    last = os.path.join(checkpoint_dir, "last.ckpt")
+    return callback, (last if os.path.isfile(last) else None)
+
+
+def publish_last_checkpoint(output: str) -> None:
+    """Copy the last epoch's checkpoint to the step's output path, atomically."""
+    last = os.path.join(output + ".d", "last.ckpt")
+    if not os.path.isfile(last):
+        raise RuntimeError(f"training ended without a checkpoint at {last}")
+    with atomic_path(output) as tmp:
+        shutil.copyfile(last, tmp)

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from cellarium_steps import __version__
@@ -123,6 +124,36 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
             raise ConfigError(f"--config: {path}: key {key!r}: {value!r} is not one of {list(action.choices)}")
         values[dest] = value
     return values
+
+
+def read_gene_list(path: str) -> list[str]:
+    """Genes from an HVG table (its highly variable rows) or from a text file, in the file's order."""
+    if not os.path.isfile(path):
+        raise InputError(f"--genes: {path}: no such file")
+    if path.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet")):
+        try:
+            if path.lower().endswith(".parquet"):
+                table = pd.read_parquet(path)
+            else:
+                table = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",")
+        except (ValueError, OSError, pd.errors.ParserError) as e:
+            raise InputError(f"--genes: {path}: not a readable table ({e})") from None
+        if "gene" not in table.columns:
+            raise InputError(f"--genes: {path}: no 'gene' column (columns: {list(table.columns)})")
+        if "highly_variable" in table.columns:
+            flags = table["highly_variable"]
+            if flags.dtype != bool:
+                flags = flags.astype(str).str.lower().isin(("true", "1"))
+            table = table[flags.to_numpy()]
+        genes = table["gene"].astype(str).tolist()
+    else:
+        with open(path) as f:
+            genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    if not genes:
+        raise InputError(f"--genes: {path}: no genes selected")
+    if len(set(genes)) != len(genes):
+        raise InputError(f"--genes: {path}: genes are listed more than once")
+    return genes
 
 
 def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
