@@ -163,3 +163,13 @@ def test_shuffled_batches_keep_rows_and_names_together(shard_dir: Path) -> None:
         np.testing.assert_array_equal(batch["label_n"], full.obs["label"].to_numpy()[rows])
         seen += list(batch["obs_names_n"])
     assert sorted(seen) == sorted(full.obs_names)
+
+
+def test_fixed_batch_categories_follow_the_model_and_reject_unknown_batches(shard_dir: Path) -> None:
+    collection = open_shards(str(shard_dir / "s0.h5ad"), batch_key="batch", batch_categories=["b", "a"])
+    batch = next(iter(ShardedCellDataset(collection, batch_size=100)))
+    full = ad.read_h5ad(shard_dir / "s0.h5ad")
+    np.testing.assert_array_equal(np.array(["b", "a"])[batch["batch_index_n"].numpy()], full.obs["batch"].astype(str))
+    collection = open_shards(str(shard_dir / "s1.h5ad"), batch_key="batch", batch_categories=["a", "b"])
+    with pytest.raises(InputError, match=r"s1\.h5ad: cell 's1-1' \(row 1\) has obs\['batch'\] outside"):
+        list(ShardedCellDataset(collection, batch_size=100))

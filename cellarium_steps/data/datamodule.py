@@ -25,10 +25,13 @@ class ShardDataModule(pl.LightningDataModule):
         seed: int = 0,
         require_counts: bool = True,
         x_key: str = "X",
+        batch_categories: Sequence[str] | None = None,
         collection: ShardCollection | None = None,
     ):
         super().__init__()
-        self.collection = collection or open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, x_key=x_key)
+        self.collection = collection or open_shards(
+            inputs, batch_key=batch_key, obs_columns=obs_columns, x_key=x_key, batch_categories=batch_categories
+        )
         self.num_workers = num_workers
         self.dataset = ShardedCellDataset(
             self.collection, batch_size=batch_size, shuffle=shuffle, seed=seed, require_counts=require_counts

@@ -33,6 +33,7 @@ class ShardReader:
         self.require_counts = require_counts
         self._files: dict[str, h5py.File] = {}
         self._categories: dict[tuple[str, str], np.ndarray | None] = {}
+        self._position: dict[str, int] | None = None
 
     def close(self) -> None:
         for f in self._files.values():
@@ -124,6 +125,11 @@ class ShardReader:
             )
         return self._categories[cache_key]
 
+    def _batch_position(self) -> dict[str, int]:
+        if self._position is None:
+            self._position = {str(c): i for i, c in enumerate(self.collection.batch_categories)}
+        return self._position
+
     def read_batch_index(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
         """Global batch codes for the rows (zeros when the collection has no batch key)."""
         key = self.collection.batch_key
@@ -136,9 +142,18 @@ class ShardReader:
             if codes.size and codes.min() < 0:
                 bad = rows[int(np.argmin(codes))]
                 raise InputError(f"{shard.path}: obs[{key!r}] is missing for cell row {bad}")
-            return shard.batch_code_map[codes]
-        values = np.concatenate([elem.asstr()[a:b] for a, b in runs]).astype(str)
-        return np.searchsorted(self.collection.batch_categories.astype(str), values)
+            batch_n = shard.batch_code_map[codes]
+        else:
+            values = np.concatenate([elem.asstr()[a:b] for a, b in runs])
+            position = self._batch_position()
+            batch_n = np.array([position.get(v, -1) for v in values], dtype=np.int64)
+        if batch_n.size and batch_n.min() < 0:
+            i = int(np.argmin(batch_n))
+            raise InputError(
+                f"{shard.path}: cell {self.read_obs_names(shard, rows[i : i + 1])[0]!r} (row {rows[i]}) has "
+                f"obs[{key!r}] outside the expected batches {list(self.collection.batch_categories)[:8]}"
+            )
+        return batch_n
 
 
 def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:

@@ -124,6 +124,7 @@ def open_shards(
     batch_key: str | None = None,
     obs_columns: Iterable[str] = (),
     x_key: str = "X",
+    batch_categories: Sequence[str] | None = None,
 ) -> ShardCollection:
     """Read and cross-check every shard's metadata; raise :class:`InputError` on a mismatch.
 
@@ -133,6 +134,9 @@ def open_shards(
     (AnnData drops unused categories when a subset is written) appended in order of
     appearance; a plain text column maps onto the sorted set of its values. Shards without
     cells are skipped with a warning.
+
+    ``batch_categories`` fixes the batch codes instead (a trained model's batches, in its
+    order); a cell whose batch is not among them is an error when it is read.
     """
     paths = expand_inputs(inputs)
     obs_columns = tuple(obs_columns)
@@ -183,8 +187,10 @@ def open_shards(
         raise InputError(f"obs[{batch_key!r}] is categorical in some shards and plain text in others")
     if plain_batch_values:
         categories = sorted(set(np.concatenate(plain_batch_values).tolist()))
-    batch_categories = np.array(categories, dtype=object)
+    if batch_categories is not None:
+        categories = [str(c) for c in batch_categories]
     position = {c: i for i, c in enumerate(categories)}
+    batch_categories = np.array(categories, dtype=object)
 
     shards = []
     for path, n_obs, encoding, is_integer, shard_categories in metas:
@@ -193,7 +199,7 @@ def open_shards(
             continue
         code_map = None
         if shard_categories is not None:
-            code_map = np.array([position[str(c)] for c in shard_categories], dtype=np.int64)
+            code_map = np.array([position.get(str(c), -1) for c in shard_categories], dtype=np.int64)
         shards.append(Shard(path, n_obs, encoding, is_integer, code_map))
     if not shards:
         raise InputError("--input: every shard is empty")
