@@ -2,6 +2,8 @@
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
 from cellarium_steps.models.hvg_seurat_v3 import HVGSeuratV3
+from cellarium_steps.models.exact_pca import ExactPCA
+from cellarium_steps.models.incremental_pca import IncrementalPCA
 from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
 from cellarium_steps.models.probabilistic_pca import ProbabilisticPCA
 from cellarium_steps.models.scvi import SingleCellVariationalInference
@@ -10,6 +12,8 @@ from cellarium_steps.models.tdigest import TDigest
 __all__ = [
     "CellariumModel",
     "HVGSeuratV3",
+    "ExactPCA",
+    "IncrementalPCA",
     "OnePassMeanVarStd",
     "PredictMixin",
     "ProbabilisticPCA",
