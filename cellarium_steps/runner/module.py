@@ -58,10 +58,12 @@ class CellariumModule(pl.LightningModule):
         scheduler_fn: Callable | None = None,
         scheduler_kwargs: dict[str, Any] | None = None,
         recipe: dict[str, Any] | None = None,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.recipe = recipe
+        self.seed = seed
         self.transforms = nn.ModuleList(transforms)
         self.optim_fn = optim_fn
         self.optim_kwargs = optim_kwargs or {"lr": 1e-3}
@@ -141,6 +143,10 @@ class CellariumModule(pl.LightningModule):
         self._model_hook("on_train_epoch_start")
 
     def on_train_batch_start(self, batch: BatchDict, batch_idx: int) -> None:
+        if self.seed is not None:
+            # Each step's random draws (dropout, sampling) depend on seed, step and rank only, so a run
+            # resumed from a checkpoint continues exactly as the uninterrupted run would have.
+            torch.manual_seed((self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
         self._model_hook("on_train_batch_start")
 
     def on_train_epoch_end(self) -> None:

@@ -45,7 +45,10 @@ def instantiate(component: dict[str, Any]) -> Any:
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    if RECIPE_KEY not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors for files that are not checkpoints
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or RECIPE_KEY not in checkpoint:
         raise ValueError(f"{path}: not a cellarium-steps checkpoint (no {RECIPE_KEY!r} entry)")
     return checkpoint

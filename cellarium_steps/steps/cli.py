@@ -8,10 +8,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from cellarium_steps import __version__
-from cellarium_steps.steps import hvg, mean_var, simulate, tdigest, train_scvi
+from cellarium_steps.steps import hvg, mean_var, pca, predict, simulate, tdigest, train_scvi
 from cellarium_steps.steps.common import configure_logging, parse_step_args, run_guarded
 
-STEPS: tuple[ModuleType, ...] = (simulate, mean_var, tdigest, hvg, train_scvi)
+STEPS: tuple[ModuleType, ...] = (simulate, mean_var, tdigest, hvg, pca, train_scvi, predict)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -144,11 +144,11 @@ def run(args: argparse.Namespace) -> None:
             "input_var_names_g": collection.var_names_g,
             "batch_key": args.batch_key,
             "batch_categories": collection.batch_categories,
-            "prediction": {"key": "x_ng", "column": "scvi_latent"},
+            "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": args.n_latent},
         },
         "provenance": run_provenance,
     }
-    module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": args.learning_rate})
+    module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": args.learning_rate}, seed=args.seed)
 
     if resume_from:
         logger.info("resuming from %s", resume_from)
