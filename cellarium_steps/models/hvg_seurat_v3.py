@@ -500,7 +500,7 @@ class HVGSeuratV3(CellariumModel):
         ranked_b = np.zeros(self.n_batch)
         self.loess_fallbacks, self.excluded_batches = {}, {}
         for b in range(self.n_batch):
-            name, n_cells = self.batch_names[b], int(n_cells_b[b])
+            n_cells = int(n_cells_b[b])
             if n_cells < self.batch_n_cell_minimum:
                 self._exclude(b, f"it has {n_cells} cell{'s' if n_cells != 1 else ''}, fewer than "
                                  f"batch_n_cell_minimum={self.batch_n_cell_minimum}")

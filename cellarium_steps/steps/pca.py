@@ -23,7 +23,7 @@ from cellarium_steps.export.embeddings import ParquetEmbeddingWriter
 from cellarium_steps.export.tables import PROVENANCE_KEY
 from cellarium_steps.models import ExactPCA, IncrementalPCA
 from cellarium_steps.runner import CellariumModule, build_trainer
-from cellarium_steps.steps.common import add_common_arguments, provenance_json
+from cellarium_steps.steps.common import add_common_arguments, provenance_json, read_gene_list
 from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
 logger = logging.getLogger("cellarium_steps")
@@ -85,29 +85,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--embeddings", metavar="DIR",
         help="also write every cell's coordinates: a directory of Parquet parts with cell_id and pca",
     )
-
-
-def read_gene_list(path: str) -> list[str]:
-    """Genes from a HVG table (``gene`` + optional ``highly_variable``) or one gene per line."""
-    if not os.path.isfile(path):
-        raise InputError(f"--genes: {path}: no such file")
-    suffix = Path(path).suffix.lower()
-    if suffix == ".parquet":
-        return _genes_from_table(pd.read_parquet(path), path)
-    with open(path) as f:
-        header = f.readline()
-    separator = "\t" if suffix == ".tsv" or "\t" in header else ","
-    if suffix in (".csv", ".tsv") or "gene" in [c.strip().strip('"') for c in header.split(separator)]:
-        try:
-            table = pd.read_csv(path, sep=separator)
-        except (ValueError, pd.errors.ParserError) as e:
-            raise InputError(f"--genes: {path}: not a readable table ({e})") from None
-        return _genes_from_table(table, path)
-    with open(path) as f:
-        genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    if not genes:
-        raise InputError(f"--genes: {path}: no genes")
-    return genes
 
 
 def _genes_from_table(table: pd.DataFrame, path: str) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import lightning.pytorch as pl
 import numpy as np
