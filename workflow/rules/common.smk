@@ -37,7 +37,7 @@ def step_options(step):
     """A step's config section as long options, e.g. {batch_size: 10} -> --batch-size 10."""
     options = []
     for key, value in (config.get(step) or {}).items():
-        flag = "--" + key.replace("_", "-")
+        flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
             options += [flag] if value else []
         elif isinstance(value, list):
@@ -48,7 +48,14 @@ def step_options(step):
 
 
 def common_options():
-    options = ["--seed", str(config["seed"]), "--accelerator", config["accelerator"], "--devices", str(config["devices"])]
+    options = [
+        "--seed",
+        str(config["seed"]),
+        "--accelerator",
+        config["accelerator"],
+        "--devices",
+        str(config["devices"]),
+    ]
     return " ".join(shlex.quote(o) for o in options)
 
 

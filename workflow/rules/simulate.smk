@@ -5,10 +5,11 @@ rule simulate:
         f"{RESULTS}/logs/simulate.log",
     benchmark:
         f"{RESULTS}/benchmarks/simulate.tsv"
-    params:
-        options=step_options("simulate"),
     threads: 1
     resources:
         mem_mb=2000,
+    params:
+        seed=config["seed"],
+        options=step_options("simulate"),
     shell:
-        "cellarium-steps simulate --output {output} --seed {config[seed]} {params.options} > {log} 2>&1"
+        "cellarium-steps simulate --output {output} --seed {params.seed} {params.options} > {log} 2>&1"

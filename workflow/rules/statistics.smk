@@ -8,14 +8,14 @@ rule mean_var:
         f"{RESULTS}/logs/mean_var.log",
     benchmark:
         f"{RESULTS}/benchmarks/mean_var.tsv"
+    threads: 2
+    resources:
+        mem_mb=2000,
     params:
         shards=shard_args,
         batch_key=batch_key_option(),
         common=common_options(),
         options=step_options("mean_var"),
-    threads: 2
-    resources:
-        mem_mb=2000,
     shell:
         "cellarium-steps mean-var --input {params.shards} {params.batch_key} --output {output.csv}"
         " {params.common} {params.options} > {log} 2>&1"
@@ -31,13 +31,13 @@ rule tdigest:
         f"{RESULTS}/logs/tdigest.log",
     benchmark:
         f"{RESULTS}/benchmarks/tdigest.tsv"
+    threads: 2
+    resources:
+        mem_mb=2000,
     params:
         shards=shard_args,
         common=common_options(),
         options=step_options("tdigest"),
-    threads: 2
-    resources:
-        mem_mb=2000,
     shell:
         "cellarium-steps tdigest --input {params.shards} --output {output.csv}"
         " {params.common} {params.options} > {log} 2>&1"

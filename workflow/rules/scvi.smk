@@ -1,0 +1,44 @@
+rule train_scvi:
+    input:
+        shards=shard_inputs,
+        genes=rules.hvg.output.csv,
+    output:
+        checkpoint=f"{RESULTS}/scvi/scvi.ckpt",
+    log:
+        f"{RESULTS}/logs/train_scvi.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train_scvi.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        gpu=1,
+    params:
+        shards=shard_args,
+        batch_key=batch_key_option(),
+        common=common_options(),
+        options=step_options("train_scvi"),
+    shell:
+        "cellarium-steps train-scvi --input {params.shards} {params.batch_key} --genes {input.genes}"
+        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+
+
+rule predict_scvi:
+    input:
+        shards=shard_inputs,
+        checkpoint=rules.train_scvi.output.checkpoint,
+    output:
+        cells=directory(f"{RESULTS}/scvi/cells.parquet"),
+    log:
+        f"{RESULTS}/logs/predict_scvi.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predict_scvi.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        gpu=1,
+    params:
+        shards=shard_args,
+        common=common_options(),
+    shell:
+        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
+        " --output {output.cells} {params.common} > {log} 2>&1"
