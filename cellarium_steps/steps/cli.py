@@ -3,45 +3,64 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from cellarium_steps import __version__
-from cellarium_steps.steps import hvg, mean_var, pca, predict, simulate, tdigest, train_scvi
 from cellarium_steps.steps.common import configure_logging, parse_step_args, run_guarded
 
-STEPS: tuple[ModuleType, ...] = (simulate, mean_var, tdigest, hvg, pca, train_scvi, predict)
+# Step name -> module. Only the step being run is imported, which keeps start-up (paid by every
+# Snakemake job) to what that step needs.
+STEP_MODULES: dict[str, str] = {
+    "simulate": "cellarium_steps.steps.simulate",
+    "mean-var": "cellarium_steps.steps.mean_var",
+    "tdigest": "cellarium_steps.steps.tdigest",
+    "hvg": "cellarium_steps.steps.hvg",
+    "pca": "cellarium_steps.steps.pca",
+    "train-scvi": "cellarium_steps.steps.train_scvi",
+    "train-socam": "cellarium_steps.steps.train_socam",
+    "train-logreg": "cellarium_steps.steps.train_logreg",
+    "predict": "cellarium_steps.steps.predict",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with ``only``, the other steps are listed but not imported."""
     parser = argparse.ArgumentParser(
         prog="cellarium-steps",
-        description="Streaming single-cell RNA-seq steps over .h5ad shards. "
-        "Every step takes --input, --output, --batch-key, --batch-size, --num-workers, --devices, --seed and --config.",
+        description="Streaming single-cell RNA-seq steps over .h5ad shards. Every step takes --input, --output, "
+        "--batch-key, --batch-size, --num-workers, --devices, --seed and --config.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="step", metavar="STEP", required=True)
-    for step in STEPS:
+    for name, module_name in STEP_MODULES.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name)
+            continue
+        step = importlib.import_module(module_name)
         sub = subparsers.add_parser(
-            step.NAME, help=step.HELP, description=step.HELP, epilog=getattr(step, "EPILOG", None),
+            name, help=step.HELP, description=step.HELP, epilog=getattr(step, "EPILOG", None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         step.add_arguments(sub)
-        sub.set_defaults(module=step)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    # Parse the step name first, then the step's own options on top of its --config.
-    step_name = parser.parse_known_args(argv)[0].step
-    step = next(s for s in STEPS if s.NAME == step_name)
+    step_name = next((a for a in argv if not a.startswith("-")), None)
+    if step_name not in STEP_MODULES:
+        build_parser().parse_args(argv)  # prints help, the version, or the error, and exits
+        return 2
+    step: ModuleType = importlib.import_module(STEP_MODULES[step_name])
+    parser = build_parser(only=step_name)
     subparser = parser._subparsers._group_actions[0].choices[step_name]  # type: ignore[union-attr]
 
     def run() -> None:
-        args = parse_step_args(subparser, argv[argv.index(step_name) + 1 :], required=getattr(step, "REQUIRED", ("input", "output")))
+        required = getattr(step, "REQUIRED", ("input", "output"))
+        args = parse_step_args(subparser, argv[argv.index(step_name) + 1 :], required=required)
         configure_logging(getattr(args, "quiet", False))
         step.run(args)
 
