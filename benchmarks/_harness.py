@@ -20,6 +20,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO_ROOT / "benchmarks"
 OUT_DIR = BENCH_DIR / "out"
@@ -235,3 +237,24 @@ def print_table(rows: list[dict]) -> str:
     print()
     print(markdown)
     return text
+
+
+def cellarium_steps_exe() -> str:
+    """The console script installed beside this interpreter (no symlink resolution: venvs link python)."""
+    exe = Path(sys.executable).parent / "cellarium-steps"
+    if not exe.is_file():
+        sys.exit(f"{exe} not found: install the package into this environment (pip install -e .)")
+    return str(exe)
+
+
+def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Largest |a - b| / max(|a|, |b|) over entries; 0 where both are 0 and where both are NaN."""
+    ours = np.asarray(ours, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if ours.shape != ref.shape or np.any(np.isnan(ours) != np.isnan(ref)):
+        return float("inf")
+    both_nan = np.isnan(ours) & np.isnan(ref)
+    scale = np.maximum(np.abs(ours), np.abs(ref))
+    diff = np.abs(ours - ref)
+    rel = np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0)
+    return float(np.max(rel[~both_nan], initial=0.0))

@@ -28,33 +28,21 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OUT_DIR, CommandFailed, ensure_resampled_shards, measure, print_table, warm_up  # noqa: E402
+from _harness import (  # noqa: E402
+    OUT_DIR,
+    CommandFailed,
+    cellarium_steps_exe,
+    ensure_resampled_shards,
+    max_rel_error,
+    measure,
+    print_table,
+    warm_up,
+)
 
 BATCH_KEY = "source"
 RTOL = 1e-9
 FULL_COMMAND = ".venv/bin/python benchmarks/bench_mean_var.py --cells 200000 --also-cells 1000000"
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "reference_mean_var.py"
-
-
-def cellarium_steps_exe() -> str:
-    """The console script installed beside this interpreter (no symlink resolution: venvs link python)."""
-    exe = Path(sys.executable).parent / "cellarium-steps"
-    if not exe.is_file():
-        sys.exit(f"{exe} not found: install the package into this environment (pip install -e .)")
-    return str(exe)
-
-
-def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
-    """Largest |a - b| / max(|a|, |b|) over entries; 0 where both are 0 and where both are NaN."""
-    ours = np.asarray(ours, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    both_nan = np.isnan(ours) & np.isnan(ref)
-    if np.any(np.isnan(ours) != np.isnan(ref)):
-        return float("inf")
-    scale = np.maximum(np.abs(ours), np.abs(ref))
-    diff = np.abs(ours - ref)
-    rel = np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0)
-    return float(np.max(rel[~both_nan], initial=0.0))
 
 
 def check_agreement(our_csv: Path, reference_npz: Path) -> dict[str, float]:
