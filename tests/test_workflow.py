@@ -70,3 +70,13 @@ def test_end_to_end_on_demo_data(tmp_path: Path) -> None:
     (results / "pca" / "pca_variance.csv").unlink()
     plan = snakemake("-n", "--cores", "2", "--configfile", str(config)).stdout
     assert "rule pca:" in plan and "rule train_scvi:" not in plan and "rule mean_var:" not in plan
+
+
+def test_pbmc_example_config_plans_the_chain_on_real_data() -> None:
+    from conftest import PBMC_MULTIBATCH, require
+
+    require(PBMC_MULTIBATCH)
+    output = snakemake("-n", "--cores", "2", "--configfile", "docs/example_pbmc_config.yaml").stdout
+    assert "rule simulate:" not in output
+    for job in ("mean_var", "tdigest", "hvg", "pca", "train_scvi", "predict_scvi"):
+        assert f"rule {job}:" in output
