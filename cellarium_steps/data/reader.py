@@ -12,7 +12,11 @@ from anndata.io import read_elem
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.shards import Shard, ShardCollection
 
-_CHUNK_CACHE_BYTES = 32 * 1024 * 1024
+# Per dataset and open file. Rows are read in contiguous runs, so a small cache suffices, and a
+# large one multiplied by (datasets x open shards) would dominate the step's memory.
+_CHUNK_CACHE_BYTES = 4 * 1024 * 1024
+# Shards are visited one after another; keeping a couple open covers batches that span two.
+_MAX_OPEN_FILES = 2
 
 
 def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
@@ -41,10 +45,12 @@ class ShardReader:
         self._files.clear()
 
     def _file(self, shard: Shard) -> h5py.File:
-        f = self._files.get(shard.path)
+        f = self._files.pop(shard.path, None)
         if f is None:
             f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            self._files[shard.path] = f
+            while len(self._files) >= _MAX_OPEN_FILES:
+                self._files.pop(next(iter(self._files))).close()
+        self._files[shard.path] = f  # most recently used last
         return f
 
     def read_x(self, shard: Shard, rows: np.ndarray) -> sp.csr_matrix:

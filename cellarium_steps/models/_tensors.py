@@ -60,19 +60,23 @@ def _grouped_column_moments_scipy(
     import scipy.sparse as sp
 
     n, g = x_ng.shape
+    crow_n1 = x_ng.crow_indices().numpy()
+    col_e = x_ng.col_indices().numpy()
     value_e = x_ng.values().numpy().astype(np.float64)
-    x = sp.csr_matrix((value_e, x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=(n, g))
     group = group_n.numpy()
     if n > 1 and (np.diff(group) < 0).any():
-        order = np.argsort(group, kind="stable")
-        x, group = x[order], group[order]
-    x_squared = sp.csr_matrix((x.data * x.data, x.indices, x.indptr), shape=(n, g))
+        x = sp.csr_matrix((value_e, col_e, crow_n1), shape=(n, g))[np.argsort(group, kind="stable")]
+        crow_n1, col_e, value_e, group = x.indptr, x.indices, x.data, np.sort(group, kind="stable")
+    square_e = value_e * value_e
     sums = np.zeros((n_groups, g))
     squares = np.zeros((n_groups, g))
     bounds = np.searchsorted(group, np.arange(n_groups + 1))
     for k in np.flatnonzero(np.diff(bounds)):
+        # Rows a..b as CSR views of the batch's arrays: no copy of the entries.
         a, b = bounds[k], bounds[k + 1]
+        e0, e1 = crow_n1[a], crow_n1[b]
+        indptr = crow_n1[a : b + 1] - e0
         ones = np.ones(b - a)
-        sums[k] = ones @ x[a:b]
-        squares[k] = ones @ x_squared[a:b]
+        sums[k] = ones @ sp.csr_matrix((value_e[e0:e1], col_e[e0:e1], indptr), shape=(b - a, g))
+        squares[k] = ones @ sp.csr_matrix((square_e[e0:e1], col_e[e0:e1], indptr), shape=(b - a, g))
     return torch.from_numpy(sums), torch.from_numpy(squares)
