@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from cellarium_steps._batch import densify, is_sparse
 
-def is_sparse(x_ng: torch.Tensor) -> bool:
-    return x_ng.layout in (torch.sparse_csr, torch.sparse_coo)
-
-
-def densify(x_ng: torch.Tensor) -> torch.Tensor:
-    """A dense view of a batch; only models that need every entry call this."""
-    return x_ng.to_dense() if is_sparse(x_ng) else x_ng
+__all__ = ["densify", "grouped_column_moments", "is_sparse", "nonzero_entries"]
 
 
 def nonzero_entries(x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

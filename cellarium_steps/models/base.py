@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cellarium_steps._batch import check_var_names
+
+__all__ = ["CellariumModel", "PredictMixin", "TestMixin", "ValidateMixin", "check_var_names"]
+
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
@@ -58,16 +62,3 @@ class TestMixin:
         **kwargs: Any,
     ) -> None:
         """Perform testing."""
-
-
-def check_var_names(expected_g: np.ndarray, actual_g: np.ndarray) -> None:
-    """Raise a ValueError unless two gene lists are the same, in the same order."""
-    if len(expected_g) != len(actual_g) or not np.array_equal(np.asarray(expected_g), np.asarray(actual_g)):
-        mismatch = next(
-            (i for i, (a, b) in enumerate(zip(expected_g, actual_g)) if a != b),
-            min(len(expected_g), len(actual_g)),
-        )
-        raise ValueError(
-            f"var_names_g of the input ({len(actual_g)} genes) differ from the model's "
-            f"({len(expected_g)} genes), first at position {mismatch}"
-        )

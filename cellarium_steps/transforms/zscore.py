@@ -6,8 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cellarium_steps.models._tensors import densify
-from cellarium_steps.models.base import check_var_names
+from cellarium_steps._batch import check_var_names, densify
 
 
 class ZScore(nn.Module):
