@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import sys
 from collections.abc import Sequence
@@ -48,8 +49,24 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _return_large_buffers_to_the_os() -> None:
+    """Serve allocations over 1 MiB with mmap, so each batch's arrays go back to the OS when freed.
+
+    glibc otherwise raises its mmap threshold after the first large frees and keeps later batch
+    buffers on a fragmenting heap: the same pass then peaks ~100 MB higher (measured on 200k cells).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+_M_MMAP_THRESHOLD = -3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _return_large_buffers_to_the_os()
     step_name = next((a for a in argv if not a.startswith("-")), None)
     if step_name not in STEP_MODULES:
         build_parser().parse_args(argv)  # prints help, the version, or the error, and exits
