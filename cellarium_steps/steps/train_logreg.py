@@ -1,0 +1,86 @@
+"""cellarium-steps train-logreg: L1-regularised multinomial logistic regression on cell type labels, streamed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from cellarium_steps.data import ShardDataModule
+from cellarium_steps.models.logistic_regression import LogisticRegression
+from cellarium_steps.runner.recipe import spec
+from cellarium_steps.steps.train_socam import (
+    W_INIT_SCALE,
+    add_label_training_arguments,
+    check_genes,
+    check_label_training_options,
+    fit_and_write,
+    label_data,
+    plain_provenance,
+    require_labels,
+    scan_labels,
+    transform_specs,
+)
+
+logger = logging.getLogger("cellarium_steps")
+
+NAME = "train-logreg"
+HELP = "train a multinomial logistic regression (Laplace prior, MAP) from expression to cell type, streamed"
+EPILOG = """model:
+  LogisticRegression: log1p(counts normalised to --target-count) of the --genes -> one of the Cell Ontology
+  terms found in --cell-type-key, as flat classes (no ontology propagation: see train-socam for that).
+  MAP in Pyro under a Laplace(0, --w-prior-scale) prior on the weights, with the likelihood scaled to the
+  labelled cells, trained with Adam: at convergence this is scikit-learn's
+  LogisticRegression(penalty="l1", C=--w-prior-scale) on the same features.
+
+labels:
+  --cell-type-key holds Cell Ontology ids; cells whose value is missing or 'unknown' are not trained on.
+  Labels are counted and checked against the Cell Ontology (cellxgene-ontology-guide, offline) in a pass
+  over the obs column before training.
+
+outputs:
+  OUTPUT (.ckpt)            Lightning checkpoint with the recipe inside: CellariumModule.from_checkpoint(OUTPUT)
+                            rebuilds NormalizeTotal -> Log1p -> Filter(genes) -> LogisticRegression; its predict
+                            gives y_logits_nc, shape (cells, classes). Written atomically.
+  OUTPUT + .classes.csv     the classes in logit column order: cl_name, label
+  OUTPUT + .provenance.json the run's config and versions
+
+example:
+  cellarium-steps train-logreg --input 'shards/*.h5ad' --genes out/hvg.csv --output out/logreg.ckpt"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_label_training_arguments(parser, step=NAME, w_prior_scale=1.0)
+
+
+def run(args: argparse.Namespace) -> None:
+    check_label_training_options(args)
+    datamodule = ShardDataModule(
+        args.input, batch_size=args.batch_size, batch_key=args.batch_key, obs_columns=[args.cell_type_key],
+        num_workers=args.num_workers, shuffle=True, seed=args.seed,
+    )
+    collection = datamodule.collection
+    genes = check_genes(args, collection)
+    summary = scan_labels(collection, args.cell_type_key)
+    require_labels(summary, args.input)
+    categories = summary.labels
+    var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
+    logger.info(
+        "%d of %d cells labelled with %d cell types; %d genes",
+        summary.n_labelled, summary.n_cells, len(categories), len(var_names_g),
+    )
+    model_spec = spec(
+        LogisticRegression, n_obs=summary.n_labelled, var_names_g=var_names_g, y_categories=categories,
+        W_prior_scale=float(args.w_prior_scale), W_init_scale=W_INIT_SCALE, seed=int(args.seed), log_metrics=True,
+    )
+    recipe = {
+        "model": model_spec,
+        "transforms": transform_specs(args, genes),
+        "data": label_data(args, var_names_g, summary, prediction={
+            "key": "y_logits_nc", "column": "y_logits", "dim": len(categories),
+        }),
+        "provenance": plain_provenance(NAME, args),
+    }
+    fit_and_write(
+        args, datamodule, recipe,
+        {"label_key": args.cell_type_key, "label_format": "codes", "categories": categories}, categories,
+    )

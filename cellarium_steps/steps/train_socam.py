@@ -1,0 +1,326 @@
+"""cellarium-steps train-socam: train SOCAM, an ontology-aware cell type classifier, streamed.
+
+Also the pieces train-logreg shares: the label pass over the obs column, the options, the
+training module that hands the labels to the model, and the checkpoint and class-table writing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+
+from cellarium_steps.atomic import write_csv_atomically
+from cellarium_steps.data import ShardDataModule
+from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.reader import ShardReader
+from cellarium_steps.data.shards import ShardCollection
+from cellarium_steps.export import write_json_atomically
+from cellarium_steps.models.socam import SOCAM
+from cellarium_steps.ontology import (
+    descendant_tensor,
+    is_deprecated,
+    is_unlabelled,
+    ontology_version,
+    term_labels,
+    validate_cl_names,
+)
+from cellarium_steps.runner import AtomicCheckpointIO, CellariumModule, build_trainer
+from cellarium_steps.runner.recipe import spec
+from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, read_gene_list
+from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
+
+logger = logging.getLogger("cellarium_steps")
+
+NAME = "train-socam"
+HELP = "train SOCAM, a cell type classifier over Cell Ontology terms with probability propagation, streamed"
+#: SOCAM starts from small weights: with thousands of genes, W_init_scale=1 (the API default) gives huge logits.
+W_INIT_SCALE = 0.01
+EPILOG = """model:
+  SOCAM: logistic regression from log1p(counts normalised to --target-count) of the --genes to the
+  Cell Ontology terms found in --cell-type-key, MAP under a Laplace(0, --w-prior-scale) prior on the
+  weights, trained with Adam. Probabilities propagate up the ontology: a term's probability is the sum
+  of the softmax probabilities of itself and its descendants among the labels, so a parent is never
+  less likely than its child, and a cell labelled with a parent term (CD4 T) is a correct positive for
+  it whichever child it is (loss -log p_prop[label]). Labels may be at mixed depth.
+
+labels:
+  --cell-type-key holds Cell Ontology ids (CL:0000624). Cells whose value is missing or 'unknown' are
+  left out of training (they still stream); the others are counted first in a pass over the obs column
+  only, and each distinct value is checked against the Cell Ontology shipped with
+  cellxgene-ontology-guide (offline; the release is recorded in the checkpoint's recipe).
+
+outputs:
+  OUTPUT (.ckpt)            Lightning checkpoint with the recipe inside: CellariumModule.from_checkpoint(OUTPUT)
+                            rebuilds NormalizeTotal -> Log1p -> Filter(genes) -> SOCAM; its predict gives
+                            y_logits_nc and cell_type_probs_nc, shape (cells, classes). Written atomically.
+  OUTPUT + .classes.csv     the classes in output column order: cl_name, label
+  OUTPUT + .provenance.json the run's config and versions
+
+example:
+  cellarium-steps hvg --input 'shards/*.h5ad' --batch-key batch --output out/hvg.csv
+  cellarium-steps train-socam --input 'shards/*.h5ad' --genes out/hvg.csv --output out/socam.ckpt"""
+
+
+def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, w_prior_scale: float,
+                                 max_epochs: int = 20, learning_rate: float = 1e-2) -> argparse._ArgumentGroup:
+    add_common_arguments(parser, batch_size=1024)
+    group = parser.add_argument_group(f"{step} options")
+    group.add_argument(
+        "--genes", metavar="PATH",
+        help="genes to use: a CSV with 'gene' and 'highly_variable' columns (the hvg step's output; the "
+        "highly variable ones are used) or a text file with one gene per line (default: all genes)",
+    )
+    group.add_argument(
+        "--cell-type-key", default="cell_type_ontology_term_id", metavar="COLUMN",
+        help="obs column with each cell's Cell Ontology id; missing or 'unknown' cells are not trained on "
+        "(default: cell_type_ontology_term_id)",
+    )
+    group.add_argument("--max-epochs", type=int, default=max_epochs, metavar="N", help=f"passes over the data (default: {max_epochs})")
+    group.add_argument("--learning-rate", type=float, default=learning_rate, metavar="LR",
+                       help=f"Adam learning rate (default: {learning_rate:g})")
+    group.add_argument("--target-count", type=float, default=1e4, metavar="N",
+                       help="each cell's counts are scaled to this total before log1p (default: 1e4)")
+    group.add_argument("--w-prior-scale", type=float, default=w_prior_scale, metavar="B",
+                       help=f"scale of the Laplace prior on the weights; smaller is sparser (default: {w_prior_scale:g})")
+    return group
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = add_label_training_arguments(parser, step=NAME, w_prior_scale=0.01)
+    group.add_argument(
+        "--no-probability-propagation", dest="probability_propagation", action="store_false",
+        help="train and predict with a flat softmax over the terms (a parent-labelled cell then counts as a "
+        "negative for the children)",
+    )
+
+
+def check_label_training_options(args: argparse.Namespace) -> None:
+    if args.max_epochs < 1:
+        raise ConfigError(f"--max-epochs: must be at least 1, got {args.max_epochs}")
+    for name in ("learning_rate", "target_count", "w_prior_scale"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
+    if not str(args.output).endswith(".ckpt"):
+        raise ConfigError(f"--output: the checkpoint path must end in .ckpt, got {args.output!r}")
+
+
+# -- the label pass ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelSummary:
+    """What one pass over the label column found."""
+
+    key: str
+    n_cells: int
+    n_labelled: int
+    counts: dict[str, int] = field(default_factory=dict)  # label -> cells, labelled values only
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted(self.counts)
+
+
+def scan_labels(collection: ShardCollection, key: str, *, check_ontology: bool = True) -> LabelSummary:
+    """Count the labelled cells and their labels from the obs column alone (no count matrix is read).
+
+    With ``check_ontology``, every distinct label must be a Cell Ontology id: InputError naming the
+    value and the file otherwise.
+    """
+    reader = ShardReader(collection, require_counts=False)
+    counts: dict[str, int] = {}
+    n_cells = 0
+    try:
+        for shard in collection.shards:
+            values = reader.read_obs_column(shard, key, np.arange(shard.n_obs))
+            n_cells += len(values)
+            shard_labels: dict[str, int] = {}
+            for value, count in Counter(values.tolist()).items():
+                text = _label_text(value)
+                if text is not None:
+                    shard_labels[text] = shard_labels.get(text, 0) + count
+            if check_ontology and shard_labels:
+                try:
+                    validate_cl_names(shard_labels)
+                except ValueError:
+                    bad = next(v for v in shard_labels if not _is_cl_id(v))
+                    raise InputError(
+                        f"{shard.path}: obs[{key!r}] has {bad!r} ({shard_labels[bad]} cells), which is not a Cell "
+                        f"Ontology id known to {ontology_version()}; use CL ids such as 'CL:0000624', or 'unknown'"
+                    ) from None
+            for label, count in shard_labels.items():
+                counts[label] = counts.get(label, 0) + count
+        if check_ontology:
+            deprecated = [label for label in counts if is_deprecated(label)]
+            if deprecated:
+                logger.warning("obs[%r]: deprecated Cell Ontology terms %s have no place in the hierarchy", key, deprecated)
+    finally:
+        reader.close()
+    return LabelSummary(key=key, n_cells=n_cells, n_labelled=sum(counts.values()), counts=counts)
+
+
+def _label_text(value: Any) -> str | None:
+    if is_unlabelled(value):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    return str(value)
+
+
+def _is_cl_id(value: str) -> bool:
+    try:
+        validate_cl_names([value])
+    except ValueError:
+        return False
+    return True
+
+
+def require_labels(summary: LabelSummary, inputs: Sequence[str]) -> None:
+    if summary.n_labelled == 0:
+        raise InputError(f"obs[{summary.key!r}]: no labelled cells in {len(inputs)} input file(s) (all missing or 'unknown')")
+    if len(summary.counts) < 2:
+        raise InputError(f"obs[{summary.key!r}]: only one cell type ({summary.labels[0]!r}); a classifier needs two or more")
+
+
+def check_genes(args: argparse.Namespace, collection: ShardCollection) -> list[str] | None:
+    genes = read_gene_list(args.genes) if args.genes else None
+    if genes is not None:
+        known = set(collection.var_names_g)
+        missing = [g for g in genes if g not in known]
+        if missing:
+            raise InputError(
+                f"--genes: {len(missing)} of {len(genes)} genes are not in {collection.shards[0].path}, e.g. {missing[:5]}"
+            )
+    return genes
+
+
+def transform_specs(args: argparse.Namespace, genes: list[str] | None) -> list[dict[str, Any]]:
+    """NormalizeTotal -> Log1p -> Filter(genes), as recipe specs."""
+    specs = [spec(NormalizeTotal, target_count=float(args.target_count)), spec(Log1p)]
+    if genes is not None:
+        specs.append(spec(Filter, filter_list=list(genes)))
+    return specs
+
+
+# -- training ----------------------------------------------------------------------------------------------
+
+
+class LabelledTrainingModule(CellariumModule):
+    """CellariumModule that hands the label column to the model under the name its forward takes.
+
+    ``label_format="names"`` passes ``<label_key>_n`` as ``cl_names_n`` (SOCAM); ``"codes"`` passes
+    ``y_n`` (index into ``categories``, -1 when unlabelled) and ``y_categories`` (LogisticRegression).
+    Only training uses this class: the checkpoint's recipe rebuilds a plain CellariumModule, and
+    prediction needs no labels.
+    """
+
+    def __init__(self, model: torch.nn.Module, transforms: Sequence[torch.nn.Module] = (), *, label_key: str,
+                 label_format: str = "names", categories: Sequence[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(model, transforms=transforms, **kwargs)
+        if label_format not in ("names", "codes"):
+            raise ValueError(f"label_format must be 'names' or 'codes', got {label_format!r}")
+        self.label_key = label_key
+        self.label_format = label_format
+        self.categories = np.asarray(list(categories or ()), dtype=object)
+        self._code = {c: i for i, c in enumerate(self.categories)}
+
+    def _prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        batch = super()._prepare(batch)
+        values_n = batch.get(f"{self.label_key}_n")
+        if values_n is None:
+            return batch
+        if self.label_format == "names":
+            return {**batch, "cl_names_n": values_n}
+        codes = [-1 if is_unlabelled(v) else self._code.get(str(v), -2) for v in values_n]
+        if -2 in codes:
+            bad = values_n[codes.index(-2)]
+            raise InputError(f"obs[{self.label_key!r}] has {bad!r}, which the label pass did not find")
+        return {**batch, "y_n": torch.tensor(codes, dtype=torch.long), "y_categories": self.categories}
+
+
+def fit_and_write(args: argparse.Namespace, datamodule: ShardDataModule, recipe: dict[str, Any],
+                  module_kwargs: dict[str, Any], classes: list[str]) -> None:
+    """Train, then write the checkpoint (atomically, recipe inside), the class table and provenance."""
+    trainer = build_trainer(
+        devices=args.devices, accelerator=args.accelerator, max_epochs=args.max_epochs, trainable=True,
+        plugins=[AtomicCheckpointIO()],
+    )
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    module = LabelledTrainingModule.from_recipe(
+        recipe, optim_kwargs={"lr": args.learning_rate}, seed=args.seed, **module_kwargs
+    )
+    trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(args.output, weights_only=True)
+    model = module.model
+    classes = list(getattr(model, "active_cl_names", None) or getattr(model, "y_categories", classes))
+    if trainer.global_rank == 0:
+        write_csv_atomically(pd.DataFrame({"cl_name": classes, "label": _labels_or_blank(classes)}),
+                             args.output + ".classes.csv")
+        write_json_atomically(recipe["provenance"], args.output + ".provenance.json")
+        logger.info("wrote %s", args.output)
+
+
+def label_data(args: argparse.Namespace, var_names_g: list[str], summary: LabelSummary,
+               prediction: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's "data" entry: the inputs the model expects and the classes of its outputs."""
+    return {
+        "genes": var_names_g, "label_key": summary.key, "classes": summary.labels,
+        "class_labels": term_labels(summary.labels), "label_counts": summary.counts,
+        "n_labelled": summary.n_labelled, "ontology": ontology_version(),
+        "target_count": float(args.target_count), "prediction": prediction,
+    }
+
+
+def plain_provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The run's provenance as plain JSON data (it goes into the checkpoint's recipe)."""
+    return json.loads(json.dumps(provenance(step, args), default=str))
+
+
+def _labels_or_blank(names: Sequence[str]) -> list[str]:
+    try:
+        return term_labels(names)
+    except ValueError:
+        return ["" for _ in names]
+
+
+def run(args: argparse.Namespace) -> None:
+    check_label_training_options(args)
+    datamodule = ShardDataModule(
+        args.input, batch_size=args.batch_size, batch_key=args.batch_key, obs_columns=[args.cell_type_key],
+        num_workers=args.num_workers, shuffle=True, seed=args.seed,
+    )
+    collection = datamodule.collection
+    genes = check_genes(args, collection)
+    summary = scan_labels(collection, args.cell_type_key)
+    require_labels(summary, args.input)
+    cl_names = summary.labels
+    var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
+    logger.info(
+        "%d of %d cells labelled with %d Cell Ontology terms; %d genes",
+        summary.n_labelled, summary.n_cells, len(cl_names), len(var_names_g),
+    )
+    model_spec = spec(
+        SOCAM, n_obs=summary.n_labelled, var_names_g=var_names_g,
+        descendant_tensor=descendant_tensor(cl_names).tolist(), cl_names=cl_names, cl_name_subset=cl_names,
+        probability_propagation_flag=bool(args.probability_propagation), W_prior_scale=float(args.w_prior_scale),
+        W_init_scale=W_INIT_SCALE, seed=int(args.seed), log_metrics=True,
+    )
+    recipe = {
+        "model": model_spec,
+        "transforms": transform_specs(args, genes),
+        "data": label_data(args, var_names_g, summary, prediction={
+            "key": "cell_type_probs_nc", "column": "cell_type_probs", "dim": len(cl_names),
+        }),
+        "provenance": plain_provenance(NAME, args),
+    }
+    fit_and_write(args, datamodule, recipe, {"label_key": args.cell_type_key, "label_format": "names"}, cl_names)
