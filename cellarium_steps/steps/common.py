@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -153,6 +154,18 @@ def read_gene_list(path: str) -> list[str]:
         raise InputError(f"--genes: {path}: no genes selected")
     if len(set(genes)) != len(genes):
         raise InputError(f"--genes: {path}: genes are listed more than once")
+    return genes
+
+
+def selected_genes(path: str | None, var_names_g: np.ndarray, where: str) -> list[str] | None:
+    """The --genes list (None: all genes), checked against the shards' genes before any pass."""
+    if not path:
+        return None
+    genes = read_gene_list(path)
+    known = set(var_names_g)
+    missing = [g for g in genes if g not in known]
+    if missing:
+        raise InputError(f"--genes: {len(missing)} of {len(genes)} genes are not in {where}, e.g. {missing[:5]}")
     return genes
 
 

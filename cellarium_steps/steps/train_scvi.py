@@ -9,12 +9,11 @@ import lightning.pytorch as pl
 import numpy as np
 
 from cellarium_steps.data import ShardDataModule
-from cellarium_steps.data.errors import InputError
 from cellarium_steps.export import write_json_atomically
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.runner import CellariumModule, build_trainer, epoch_checkpointing, publish_last_checkpoint
 from cellarium_steps.runner.recipe import RECIPE_KEY, load_checkpoint, spec
-from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, read_gene_list
+from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.transforms.filter import Filter
 
 logger = logging.getLogger("cellarium_steps")
@@ -99,15 +98,7 @@ def run(args: argparse.Namespace) -> None:
         shuffle=True, seed=args.seed,
     )
     collection = datamodule.collection
-    genes = read_gene_list(args.genes) if args.genes else None
-    if genes is not None:
-        known = set(collection.var_names_g)
-        missing = [g for g in genes if g not in known]
-        if missing:
-            raise InputError(
-                f"--genes: {len(missing)} of {len(genes)} genes are not in {collection.shards[0].path}, "
-                f"e.g. {missing[:5]}"
-            )
+    genes = selected_genes(args.genes, collection.var_names_g, collection.shards[0].path)
     var_names_g = np.asarray(genes if genes is not None else collection.var_names_g)
     n_batch = collection.n_batch if args.batch_key else 1
 

@@ -36,7 +36,7 @@ from cellarium_steps.ontology import (
 )
 from cellarium_steps.runner import AtomicCheckpointIO, CellariumModule, build_trainer
 from cellarium_steps.runner.recipe import spec
-from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, read_gene_list
+from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
 logger = logging.getLogger("cellarium_steps")
@@ -193,15 +193,7 @@ def require_labels(summary: LabelSummary, inputs: Sequence[str]) -> None:
 
 
 def check_genes(args: argparse.Namespace, collection: ShardCollection) -> list[str] | None:
-    genes = read_gene_list(args.genes) if args.genes else None
-    if genes is not None:
-        known = set(collection.var_names_g)
-        missing = [g for g in genes if g not in known]
-        if missing:
-            raise InputError(
-                f"--genes: {len(missing)} of {len(genes)} genes are not in {collection.shards[0].path}, e.g. {missing[:5]}"
-            )
-    return genes
+    return selected_genes(args.genes, collection.var_names_g, collection.shards[0].path)
 
 
 def transform_specs(args: argparse.Namespace, genes: list[str] | None) -> list[dict[str, Any]]:
