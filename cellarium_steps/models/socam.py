@@ -211,7 +211,8 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
         prior = self.W_gc.abs().sum() / self.W_prior_scale
         m = y_m.shape[0]
         if m == 0:
-            return prior
+            # b_c stays in the graph, with a zero gradient: under DDP every rank must reduce every parameter
+            return prior + 0.0 * self.b_c.sum()
         descendant_cc = self.active_descendant_tensor_cc if self.probability_propagation_flag else None
         nll = -label_log_probs(logits_mc, y_m, descendant_cc).sum()
         return nll * (self.n_obs / m) + prior

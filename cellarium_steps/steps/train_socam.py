@@ -85,7 +85,8 @@ def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, 
         help="obs column with each cell's Cell Ontology id; missing or 'unknown' cells are not trained on "
         "(default: cell_type_ontology_term_id)",
     )
-    group.add_argument("--max-epochs", type=int, default=max_epochs, metavar="N", help=f"passes over the data (default: {max_epochs})")
+    group.add_argument("--max-epochs", type=int, default=max_epochs, metavar="N",
+                       help=f"passes over the data (default: {max_epochs})")
     group.add_argument("--learning-rate", type=float, default=learning_rate, metavar="LR",
                        help=f"Adam learning rate (default: {learning_rate:g})")
     group.add_argument("--target-count", type=float, default=1e4, metavar="N",
