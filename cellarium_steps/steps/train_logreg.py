@@ -5,19 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 
-from cellarium_steps.data import ShardDataModule
 from cellarium_steps.models.logistic_regression import LogisticRegression
 from cellarium_steps.runner.recipe import spec
 from cellarium_steps.steps.train_socam import (
     W_INIT_SCALE,
     add_label_training_arguments,
-    check_genes,
-    check_label_training_options,
     fit_and_write,
     label_data,
     plain_provenance,
-    require_labels,
-    scan_labels,
+    prepare_label_training,
     transform_specs,
 )
 
@@ -53,21 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    check_label_training_options(args)
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, batch_key=args.batch_key, obs_columns=[args.cell_type_key],
-        num_workers=args.num_workers, shuffle=True, seed=args.seed,
-    )
-    collection = datamodule.collection
-    genes = check_genes(args, collection)
-    summary = scan_labels(collection, args.cell_type_key)
-    require_labels(summary, args.input)
+    setup = prepare_label_training(args)
+    datamodule, genes, summary, var_names_g = setup.datamodule, setup.genes, setup.summary, setup.var_names_g
     categories = summary.labels
-    var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
-    logger.info(
-        "%d of %d cells labelled with %d cell types; %d genes",
-        summary.n_labelled, summary.n_cells, len(categories), len(var_names_g),
-    )
     model_spec = spec(
         LogisticRegression, n_obs=summary.n_labelled, var_names_g=var_names_g, y_categories=categories,
         W_prior_scale=float(args.w_prior_scale), W_init_scale=W_INIT_SCALE, seed=int(args.seed), log_metrics=True,

@@ -286,7 +286,18 @@ def _labels_or_blank(names: Sequence[str]) -> list[str]:
         return ["" for _ in names]
 
 
-def run(args: argparse.Namespace) -> None:
+@dataclass
+class LabelTraining:
+    """What both label-trained steps derive from their inputs before building a model."""
+
+    datamodule: ShardDataModule
+    genes: list[str] | None
+    summary: LabelSummary
+    var_names_g: list[str]
+
+
+def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
+    """Check options, open the shards, check --genes and scan the labels, all before the pass."""
     check_label_training_options(args)
     datamodule = ShardDataModule(
         args.input, batch_size=args.batch_size, batch_key=args.batch_key, obs_columns=[args.cell_type_key],
@@ -296,12 +307,18 @@ def run(args: argparse.Namespace) -> None:
     genes = check_genes(args, collection)
     summary = scan_labels(collection, args.cell_type_key)
     require_labels(summary, args.input)
-    cl_names = summary.labels
     var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
     logger.info(
-        "%d of %d cells labelled with %d Cell Ontology terms; %d genes",
-        summary.n_labelled, summary.n_cells, len(cl_names), len(var_names_g),
+        "%d of %d cells labelled with %d cell types; %d genes",
+        summary.n_labelled, summary.n_cells, len(summary.labels), len(var_names_g),
     )
+    return LabelTraining(datamodule, genes, summary, var_names_g)
+
+
+def run(args: argparse.Namespace) -> None:
+    setup = prepare_label_training(args)
+    datamodule, genes, summary, var_names_g = setup.datamodule, setup.genes, setup.summary, setup.var_names_g
+    cl_names = summary.labels
     model_spec = spec(
         SOCAM, n_obs=summary.n_labelled, var_names_g=var_names_g,
         descendant_tensor=descendant_tensor(cl_names).tolist(), cl_names=cl_names, cl_name_subset=cl_names,
