@@ -100,3 +100,33 @@ def test_checkpoint_rebuilds_the_pipeline(shards: str, tmp_path: Path) -> None:
     torch.testing.assert_close(restored.model.w_g, module.model.w_g)
     assert [type(t) for t in restored.transforms] == [NormalizeTotal, Log1p]
     assert restored.transforms[0].target_count == 10.0
+
+
+def test_single_process_statistics_skip_lightning(shards: str) -> None:
+    """One device: fit_statistics runs the model's hooks without importing Lightning, and its
+    result equals numpy's float64 statistics (DDP runs go through Lightning; see test_mean_var)."""
+    script = f"""
+import sys
+import numpy as np
+from cellarium_steps.data import open_shards, ShardReader
+from cellarium_steps.data.reader import read_rows
+from cellarium_steps.models import OnePassMeanVarStd
+from cellarium_steps.runner import fit_statistics
+
+collection = open_shards({shards!r}, batch_key="batch")
+model = OnePassMeanVarStd(collection.var_names_g, n_batch=collection.n_batch, output_path=None)
+trainer = fit_statistics(model, collection, batch_size=16, devices=1, accelerator="cpu")
+assert trainer.global_rank == 0
+assert not any(name.startswith("lightning") for name in sys.modules), "Lightning was imported"
+reader = ShardReader(collection)
+x = read_rows(reader, [(s, np.arange(s.n_obs)) for s in collection.shards]).toarray().astype(np.float64)
+np.testing.assert_allclose(model.mean_g.numpy(), x.mean(0), rtol=1e-12)
+np.testing.assert_allclose(model.var_g.numpy(), x.var(0), rtol=1e-12, atol=1e-15)
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 import h5py
 import numpy as np
 import scipy.sparse as sp
-from anndata.io import read_elem
 
 from cellarium_steps.data.errors import InputError
-from cellarium_steps.data.shards import Shard, ShardCollection
+from cellarium_steps.data.shards import Shard, ShardCollection, read_array
 
 # Per dataset and open file. Rows are read in contiguous runs, so a small cache suffices, and a
 # large one multiplied by (datasets x open shards) would dominate the step's memory.
@@ -126,7 +125,7 @@ class ShardReader:
     def _shard_categories(self, shard: Shard, key: str) -> np.ndarray:
         cache_key = (shard.path, key)
         if cache_key not in self._categories:
-            self._categories[cache_key] = np.asarray(read_elem(self._file(shard)["obs"][key]["categories"])).astype(
+            self._categories[cache_key] = read_array(self._file(shard)["obs"][key]["categories"]).astype(
                 object
             )
         return self._categories[cache_key]

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import h5py
 import numpy as np
-from anndata.io import read_elem
 
 from cellarium_steps.data.errors import InputError
 
@@ -83,11 +82,24 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def read_array(elem: h5py.Dataset | h5py.Group) -> np.ndarray:
+    """A 1-D .h5ad array element as numpy.
+
+    Plain and string datasets are read with h5py; anndata (seconds to import) only for the
+    rarer encodings stored as groups, such as nullable integers.
+    """
+    if isinstance(elem, h5py.Dataset):
+        return elem.asstr()[()] if h5py.check_string_dtype(elem.dtype) else elem[()]
+    from anndata.io import read_elem
+
+    return np.asarray(read_elem(elem))
+
+
 def _read_index(group: h5py.Group, path: str, name: str) -> np.ndarray:
     index_key = group.attrs.get("_index", "_index")
     if index_key not in group:
         raise InputError(f"{path}: {name} has no index")
-    return np.asarray(read_elem(group[index_key])).astype(str)
+    return read_array(group[index_key]).astype(str)
 
 
 def obs_column_encoding(obs: h5py.Group, key: str) -> str:
@@ -98,7 +110,7 @@ def obs_column_encoding(obs: h5py.Group, key: str) -> str:
 def _read_categories(obs: h5py.Group, key: str) -> np.ndarray | None:
     """The categories of a categorical obs column, or None for a plain column."""
     if obs_column_encoding(obs, key) == "categorical":
-        return np.asarray(read_elem(obs[key]["categories"])).astype(str)
+        return read_array(obs[key]["categories"]).astype(str)
     return None
 
 
@@ -170,7 +182,7 @@ def open_shards(
             if batch_key:
                 shard_categories = _read_categories(obs, batch_key)
                 if shard_categories is None:
-                    plain_batch_values.append(np.unique(np.asarray(read_elem(obs[batch_key])).astype(str)))
+                    plain_batch_values.append(np.unique(read_array(obs[batch_key]).astype(str)))
                 else:
                     any_categorical = True
                     new = [c for c in shard_categories if c not in set(categories)]

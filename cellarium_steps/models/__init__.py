@@ -1,30 +1,36 @@
-"""The cellarium ML model API: one model per file, pure torch and pyro, no file or CLI knowledge."""
+"""The cellarium ML model API: one model per file, pure torch and pyro, no file or CLI knowledge.
+
+Models are imported on first use: the transformer models pull in Hugging Face ``transformers`` and
+the trained ones pyro, seconds of start-up that a statistics step should not pay.
+"""
+
+import importlib
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, TestMixin, ValidateMixin
-from cellarium_steps.models.contrastive_mlp import ContrastiveMLP
-from cellarium_steps.models.exact_pca import ExactPCA
-from cellarium_steps.models.hvg_seurat_v3 import HVGSeuratV3
-from cellarium_steps.models.incremental_pca import IncrementalPCA
-from cellarium_steps.models.logistic_regression import LogisticRegression
-from cellarium_steps.models.onepass_mean_var_std import OnePassMeanVarStd
-from cellarium_steps.models.probabilistic_pca import ProbabilisticPCA
-from cellarium_steps.models.scvi import SingleCellVariationalInference
-from cellarium_steps.models.socam import SOCAM
-from cellarium_steps.models.tdigest import TDigest
 
-__all__ = [
-    "SOCAM",
-    "CellariumModel",
-    "ContrastiveMLP",
-    "ExactPCA",
-    "HVGSeuratV3",
-    "IncrementalPCA",
-    "LogisticRegression",
-    "OnePassMeanVarStd",
-    "PredictMixin",
-    "ProbabilisticPCA",
-    "SingleCellVariationalInference",
-    "TDigest",
-    "TestMixin",
-    "ValidateMixin",
-]
+_MODEL_MODULES = {
+    "CellariumGPT": "cellarium_gpt",
+    "ContrastiveMLP": "contrastive_mlp",
+    "ExactPCA": "exact_pca",
+    "Geneformer": "geneformer",
+    "HVGSeuratV3": "hvg_seurat_v3",
+    "IncrementalPCA": "incremental_pca",
+    "LogisticRegression": "logistic_regression",
+    "OnePassMeanVarStd": "onepass_mean_var_std",
+    "ProbabilisticPCA": "probabilistic_pca",
+    "SOCAM": "socam",
+    "SingleCellVariationalInference": "scvi",
+    "TDigest": "tdigest",
+}
+
+__all__ = ["CellariumModel", "PredictMixin", "TestMixin", "ValidateMixin", *sorted(_MODEL_MODULES)]
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _MODEL_MODULES:
+        return getattr(importlib.import_module(f"cellarium_steps.models.{_MODEL_MODULES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

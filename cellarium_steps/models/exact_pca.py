@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import lightning.pytorch as pl
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from scipy.linalg import blas
 import torch
 import torch.distributed as dist
+from scipy.linalg import blas
 
 from cellarium_steps.models._tensors import is_sparse
 from cellarium_steps.models.base import CellariumModel, PredictMixin, check_var_names
 from cellarium_steps.models.incremental_pca import component_names, orient_components, project
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class ExactPCA(CellariumModel, PredictMixin):
@@ -63,6 +66,7 @@ class ExactPCA(CellariumModel, PredictMixin):
         self.register_buffer("x_mean_g", torch.zeros(g, dtype=torch.float64))
         self.register_buffer("trace", torch.zeros((), dtype=torch.float64))
         self._reduced = False
+        self._dense_buffer: np.ndarray | None = None
 
     def reset_parameters(self) -> None:
         for buffer in (self.x_size, self.x_sums_g, self.x_gram_gg):
@@ -81,16 +85,34 @@ class ExactPCA(CellariumModel, PredictMixin):
         if x_ng.layout == torch.sparse_csr and cpu and _sparse_product_is_cheaper(x_ng):
             sums_g, gram_gg = _sparse_moments_scipy(x_ng)
             self.x_gram_gg += gram_gg
+        elif cpu:
+            x64_ng = self._dense_float64_cpu(x_ng)
+            sums_g = torch.from_numpy(x64_ng.sum(axis=0))
+            _add_lower_gram_blas(x64_ng, self.x_gram_gg.numpy())
         else:
             x64_ng = (x_ng.to_dense() if is_sparse(x_ng) else x_ng).to(torch.float64)
             sums_g = x64_ng.sum(dim=0)
-            if cpu:
-                _add_lower_gram_blas(x64_ng.numpy(), self.x_gram_gg.numpy())
-            else:
-                self.x_gram_gg += (x64_ng.T @ x64_ng).to(self.x_gram_gg.device)
+            self.x_gram_gg += (x64_ng.T @ x64_ng).to(self.x_gram_gg.device)
         self.x_sums_g += sums_g.to(self.x_sums_g.device)
         self.x_size += x_ng.shape[0]
         return {}
+
+    def _dense_float64_cpu(self, x_ng: torch.Tensor) -> np.ndarray:
+        """The batch as a C-ordered float64 array, in a buffer reused across batches.
+
+        A fresh (cells x genes) float64 array per batch costs more in page faults than filling it.
+        """
+        n, g = x_ng.shape
+        if x_ng.layout != torch.sparse_csr:
+            return (x_ng.to_dense() if is_sparse(x_ng) else x_ng).to(torch.float64).numpy()
+        if self._dense_buffer is None or self._dense_buffer.shape[0] < n:
+            self._dense_buffer = np.empty((n, g), dtype=np.float64)
+        out_ng = self._dense_buffer[:n]
+        out_ng.fill(0.0)
+        values_e = x_ng.values().numpy().astype(np.float64)
+        x = sp.csr_matrix((values_e, x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=(n, g))
+        x.toarray(out=out_ng)
+        return out_ng
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         self.reset_parameters()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
@@ -16,6 +15,9 @@ import torch.distributed as dist
 from cellarium_steps.atomic import write_csv_atomically
 from cellarium_steps.models._tensors import grouped_column_moments, is_sparse, nonzero_entries
 from cellarium_steps.models.base import CellariumModel, check_var_names
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 Flavor = Literal["seurat_v3", "seurat_v3_paper"]
 FLAVORS: tuple[str, ...] = ("seurat_v3", "seurat_v3_paper")
@@ -241,16 +243,11 @@ class HVGSeuratV3(CellariumModel):
         self.hvg_dfs = []
 
     def _reset_clip_pass(self) -> None:
-        buffers = [self.clipped_sums_bg, self.clipped_squared_sums_bg, self.n_clipped_bg, self.clip_size_b]
-        if self._statistics_given:
-            # Given statistics carry no exact sums; the clipped pass adds them up itself.
-            buffers += [self.x_sums_bg, self.x_squared_sums_bg]
-        for buffer in buffers:
+        for buffer in self._clip_pass_buffers():
             buffer.zero_()
 
     def _clip_pass_buffers(self) -> tuple[torch.Tensor, ...]:
-        buffers = (self.clipped_sums_bg, self.clipped_squared_sums_bg, self.n_clipped_bg, self.clip_size_b)
-        return buffers + ((self.x_sums_bg, self.x_squared_sums_bg) if self._statistics_given else ())
+        return (self.clipped_sums_bg, self.clipped_squared_sums_bg, self.n_clipped_bg, self.clip_size_b)
 
     @property
     def hvg_df(self) -> pd.DataFrame | None:
@@ -290,6 +287,10 @@ class HVGSeuratV3(CellariumModel):
         var_ddof1_bg = torch.where(n_b1 > 1, var_bg * (n_b1 / (n_b1 - 1).clamp(min=1)), torch.zeros_like(var_bg))
         self.mean_bg.copy_(mean_bg.to(device))
         self.var_bg.copy_(var_ddof1_bg.to(device))
+        # The sums the moments pass would have added up: float64 means and variances of counts
+        # give them back to within rounding, so the clipped pass need not recompute them.
+        self.x_sums_bg.copy_((mean_bg * n_b1).to(device))
+        self.x_squared_sums_bg.copy_(((var_bg + mean_bg**2) * n_b1).to(device))
         self._fit_loess()
         self._statistics_given = True
         self._reset_clip_pass()
@@ -343,10 +344,6 @@ class HVGSeuratV3(CellariumModel):
             self.clipped_squared_sums_bg.view(-1).index_add_(0, flat_c, value_c * value_c)
             self.n_clipped_bg.view(-1).index_add_(0, flat_c, torch.ones_like(value_c))
         self.clip_size_b += torch.bincount(batch_index_n, minlength=self.n_batch).to(torch.float64)
-        if self._statistics_given:
-            sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
-            self.x_sums_bg += sums_bg
-            self.x_squared_sums_bg += squared_sums_bg
 
     def _clipped_entries(
         self, x_ng: torch.Tensor, batch_index_n: torch.Tensor
@@ -594,7 +591,7 @@ class HVGSeuratV3(CellariumModel):
         )
         ranked_b = self.ranked_b.cpu().numpy() > 0
         with np.errstate(divide="ignore", invalid="ignore"):
-            # The mean from this run's exact sums (scanpy's), also when the LOESS used given statistics.
+            # The mean from the summed counts (scanpy's), whether summed here or given by set_batch_statistics.
             mean_bg = sums_bg / np.maximum(n_b1, 1)
             norm_bg = (1 / ((n_b1 - 1) * np.square(reg_std_bg))) * (
                 (n_b1 * np.square(mean_bg)) + squared_batch_counts_sum_bg - 2 * batch_counts_sum_bg * mean_bg

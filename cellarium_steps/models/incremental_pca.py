@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from cellarium_steps.models._tensors import densify
 from cellarium_steps.models.base import CellariumModel, PredictMixin, check_var_names
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 def orient_components(components_kg: torch.Tensor) -> torch.Tensor:

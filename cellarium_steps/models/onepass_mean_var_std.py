@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
@@ -13,6 +12,9 @@ import torch.distributed as dist
 from cellarium_steps.atomic import write_csv_atomically
 from cellarium_steps.models._tensors import grouped_column_moments, is_sparse
 from cellarium_steps.models.base import CellariumModel, check_var_names
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 
 class OnePassMeanVarStd(CellariumModel):

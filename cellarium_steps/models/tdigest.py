@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import crick
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import torch
@@ -14,6 +13,9 @@ import torch.distributed as dist
 
 from cellarium_steps.models._tensors import nonzero_entries
 from cellarium_steps.models.base import CellariumModel, check_var_names
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
 
 #: Integer values 1..N_SMALL_VALUES are counted exactly, one histogram column each.
 N_SMALL_VALUES = 64

@@ -1,14 +1,8 @@
-"""The Lightning runner: transforms + model in a LightningModule, and trainer set-up."""
+"""The runners: Lightning (transforms + model in a LightningModule, trainer set-up) and a
+Lightning-free single-process loop for parameter-free models (``fit_statistics``)."""
 
-from cellarium_steps.runner.module import CellariumModule, apply_transforms, call_with_batch
-from cellarium_steps.runner.trainer import (
-    AtomicCheckpointIO,
-    ParameterFreeDDPStrategy,
-    ProgressLog,
-    build_trainer,
-    epoch_checkpointing,
-    publish_last_checkpoint,
-)
+from cellarium_steps.runner._calls import apply_transforms, call_with_batch
+from cellarium_steps.runner.local import fit_statistics
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -19,5 +13,25 @@ __all__ = [
     "build_trainer",
     "call_with_batch",
     "epoch_checkpointing",
+    "fit_statistics",
     "publish_last_checkpoint",
 ]
+
+_LIGHTNING_NAMES = {
+    "CellariumModule": "cellarium_steps.runner.module",
+    "AtomicCheckpointIO": "cellarium_steps.runner.trainer",
+    "ParameterFreeDDPStrategy": "cellarium_steps.runner.trainer",
+    "ProgressLog": "cellarium_steps.runner.trainer",
+    "build_trainer": "cellarium_steps.runner.trainer",
+    "epoch_checkpointing": "cellarium_steps.runner.trainer",
+    "publish_last_checkpoint": "cellarium_steps.runner.trainer",
+}
+
+
+def __getattr__(name: str):
+    # Lightning costs seconds of start-up; import it only when a Lightning name is used.
+    if name in _LIGHTNING_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_LIGHTNING_NAMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
-from functools import cache
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,32 +10,8 @@ import torch
 from torch import nn
 
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin
+from cellarium_steps.runner._calls import BatchDict, apply_transforms, call_with_batch
 from cellarium_steps.runner.recipe import RECIPE_KEY, instantiate, load_checkpoint, plain
-
-BatchDict = dict[str, Any]
-
-
-@cache
-def _parameter_names(fn: Callable) -> tuple[tuple[str, ...], bool]:
-    params = inspect.signature(fn).parameters.values()
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    names = tuple(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
-    return names, takes_kwargs
-
-
-def call_with_batch(fn: Callable, batch: BatchDict, **extra: Any) -> Any:
-    """Call ``fn`` with the batch keys its signature names (all of them if it takes **kwargs)."""
-    names, takes_kwargs = _parameter_names(getattr(fn, "__func__", fn))
-    if takes_kwargs:
-        return fn(**batch, **extra)
-    return fn(**{k: v for k, v in batch.items() if k in names}, **extra)
-
-
-def apply_transforms(transforms: Sequence[nn.Module], batch: BatchDict) -> BatchDict:
-    """Each transform receives the keys it names and returns the keys it overwrites."""
-    for transform in transforms:
-        batch = {**batch, **call_with_batch(transform.forward, batch)}
-    return batch
 
 
 class CellariumModule(pl.LightningModule):
@@ -46,7 +20,8 @@ class CellariumModule(pl.LightningModule):
     Models without parameters (statistics) run with no optimizer: their ``forward`` accumulates
     buffers and their ``on_train_epoch_end`` reduces them across ranks. The model's own hooks
     (``on_train_start``, ``on_train_epoch_start``, ``on_train_batch_start``, ``on_train_epoch_end``,
-    ``on_train_end``) receive the trainer.
+    ``on_train_end``, ``on_validation_epoch_start``, ``on_validation_epoch_end``) receive the trainer;
+    a model logs from them through ``trainer.lightning_module.log``.
     """
 
     def __init__(
@@ -154,3 +129,9 @@ class CellariumModule(pl.LightningModule):
 
     def on_train_end(self) -> None:
         self._model_hook("on_train_end")
+
+    def on_validation_epoch_start(self) -> None:
+        self._model_hook("on_validation_epoch_start")
+
+    def on_validation_epoch_end(self) -> None:
+        self._model_hook("on_validation_epoch_end")

@@ -12,13 +12,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from cellarium_steps.atomic import atomic_path
+from cellarium_steps.runner.local import device_count, resolve_accelerator
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -71,10 +71,10 @@ class ProgressLog(pl.Callback):
                 trainer.current_epoch, batch_idx + 1, total, self._cells * trainer.world_size, rate,
             )
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._advance(trainer, batch, batch_idx, trainer.num_training_batches)
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._advance(trainer, batch, batch_idx, "?")
 
 
@@ -90,9 +90,8 @@ def build_trainer(
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one device."""
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    n_devices = _device_count(devices, accelerator)
+    accelerator = resolve_accelerator(accelerator)
+    n_devices = device_count(devices, accelerator)
     strategy: Any = "auto"
     if n_devices > 1:
         backend = "nccl" if accelerator in ("gpu", "cuda") else "gloo"
@@ -117,16 +116,6 @@ def build_trainer(
         default_root_dir=default_root_dir,
         **trainer_kwargs,
     )
-
-
-def _device_count(devices: int | str, accelerator: str) -> int:
-    if isinstance(devices, int):
-        return devices if devices > 0 else (torch.cuda.device_count() if accelerator != "cpu" else 1)
-    if str(devices).isdigit():
-        return int(devices)
-    if accelerator in ("gpu", "cuda"):
-        return torch.cuda.device_count()
-    return 1
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cellarium_steps.data import ShardCollection, ShardDataModule, ShardReader
+from cellarium_steps.data import ShardCollection, ShardReader, open_shards
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.export import write_json_atomically, write_table_parquet
 from cellarium_steps.export.tables import read_provenance
@@ -23,7 +23,7 @@ from cellarium_steps.models.hvg_seurat_v3 import (
     NoBatchLeftError,
     hvg_output_paths,
 )
-from cellarium_steps.runner import CellariumModule, build_trainer
+from cellarium_steps.runner import fit_statistics
 from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance
 
 logger = logging.getLogger("cellarium_steps")
@@ -212,10 +212,7 @@ def read_mean_var_statistics(
 
 
 def run(args: argparse.Namespace) -> None:
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, batch_key=args.batch_key, num_workers=args.num_workers, seed=args.seed
-    )
-    collection = datamodule.collection
+    collection = open_shards(args.input, batch_key=args.batch_key)
     n_top_genes = _check_options(args, collection)
     use_batch_key = args.batch_key is not None
     model = HVGSeuratV3(
@@ -236,10 +233,10 @@ def run(args: argparse.Namespace) -> None:
         try:
             if args.mean_var:
                 model.set_batch_statistics(*read_mean_var_statistics(args.mean_var, collection, args.batch_key))
-            trainer = build_trainer(
-                devices=args.devices, accelerator=args.accelerator, max_epochs=model.n_epochs_needed
+            trainer = fit_statistics(
+                model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+                devices=args.devices, accelerator=args.accelerator, max_epochs=model.n_epochs_needed,
             )
-            trainer.fit(CellariumModule(model), datamodule=datamodule)
         except NoBatchLeftError as e:
             raise InputError(f"{source}{e}") from None
         except BatchStatisticsMismatchError as e:

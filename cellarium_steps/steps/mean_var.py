@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cellarium_steps.data import ShardDataModule
+from cellarium_steps.data import open_shards
 from cellarium_steps.export import write_json_atomically, write_table_parquet
 from cellarium_steps.models import OnePassMeanVarStd
-from cellarium_steps.runner import CellariumModule, build_trainer
+from cellarium_steps.runner import fit_statistics
 from cellarium_steps.steps.common import add_common_arguments, provenance_json
 
 NAME = "mean-var"
@@ -36,15 +36,14 @@ def batch_table_path(output: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> None:
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, batch_key=args.batch_key, num_workers=args.num_workers, seed=args.seed
-    )
-    collection = datamodule.collection
+    collection = open_shards(args.input, batch_key=args.batch_key)
     model = OnePassMeanVarStd(
         collection.var_names_g, algorithm=args.algorithm, n_batch=collection.n_batch, output_path=args.output
     )
-    trainer = build_trainer(devices=args.devices, accelerator=args.accelerator, max_epochs=1)
-    trainer.fit(CellariumModule(model), datamodule=datamodule)
+    trainer = fit_statistics(
+        model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+        devices=args.devices, accelerator=args.accelerator,
+    )
     if trainer.global_rank == 0:
         meta = provenance_json(NAME, args)
         write_table_parquet(model.batch_summary_df(collection.batch_categories), batch_table_path(args.output), meta)

@@ -16,13 +16,12 @@ import torch
 from torch import nn
 
 from cellarium_steps.atomic import atomic_path, write_csv_atomically
-from cellarium_steps.data import ShardDataModule, open_shards
+from cellarium_steps.data import ShardCollection, open_shards
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.export import write_json_atomically
-from cellarium_steps.export.embeddings import ParquetEmbeddingWriter
 from cellarium_steps.export.tables import PROVENANCE_KEY
 from cellarium_steps.models import ExactPCA, IncrementalPCA
-from cellarium_steps.runner import CellariumModule, build_trainer
+from cellarium_steps.runner import fit_statistics
 from cellarium_steps.steps.common import add_common_arguments, provenance_json, read_gene_list
 from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
@@ -146,27 +145,20 @@ def run(args: argparse.Namespace) -> None:
     # that early batches barely show loses their share of its variance; visiting the shards and
     # blocks of cells in random order makes every batch more like the whole (on sorted PBMC
     # shards: PC1-3 variance error 5e-3 -> 2e-4). The exact method does not depend on order.
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-        shuffle=method_is_incremental, collection=collection,
-    )
+    shuffle = method_is_incremental
     model: ExactPCA | IncrementalPCA
     if method_is_incremental:
         model = IncrementalPCA(var_names_g, args.n_components, svd_lowrank_niter=args.svd_niter)
     else:
         model = ExactPCA(var_names_g, args.n_components)
     transforms = build_transforms(args.target_count, not args.no_log1p, genes)
-    module = CellariumModule(model, transforms=transforms)
 
     meta = provenance_json(NAME, args)
-    callbacks = []
-    if args.embeddings:
-        callbacks.append(
-            ParquetEmbeddingWriter(args.embeddings, dim=args.n_components, embedding_column="pca", provenance=meta)
-        )
-    trainer = build_trainer(devices=args.devices, accelerator=args.accelerator, max_epochs=1, callbacks=callbacks)
     logger.info("pca: %s, %d genes, %d components, %d cells", method, n_genes, args.n_components, collection.n_obs)
-    trainer.fit(module, datamodule=datamodule)
+    trainer = fit_statistics(
+        model, collection, transforms=transforms, batch_size=args.batch_size, num_workers=args.num_workers,
+        shuffle=shuffle, seed=args.seed, devices=args.devices, accelerator=args.accelerator,
+    )
 
     if trainer.global_rank == 0:
         config = {
@@ -184,13 +176,34 @@ def run(args: argparse.Namespace) -> None:
             100 * ratio_k[0], len(ratio_k), 100 * ratio_k.sum(),
         )
     if args.embeddings:
-        # Cells in file order, whatever order the fit used.
-        predict_datamodule = ShardDataModule(
-            args.input, batch_size=args.batch_size, num_workers=args.num_workers, collection=collection
-        )
-        trainer.predict(module, datamodule=predict_datamodule, return_predictions=False)
-        if trainer.global_rank == 0:
-            logger.info("pca: wrote cell embeddings to %s", args.embeddings)
+        write_embeddings(args, model, transforms, collection, trainer, meta)
+
+
+def write_embeddings(
+    args: argparse.Namespace, model: ExactPCA | IncrementalPCA, transforms: list[nn.Module],
+    collection: ShardCollection, fit_trainer: Any, meta: str,
+) -> None:
+    """A second pass, in file order, writing each cell's embedding.
+
+    Lightning runs it (the Parquet writer is a Lightning callback): the fit's own trainer under DDP,
+    whose process group is up, or a single-device one after a fit without Lightning.
+    """
+    from cellarium_steps.data import ShardDataModule
+    from cellarium_steps.export.embeddings import ParquetEmbeddingWriter
+    from cellarium_steps.runner import CellariumModule, build_trainer
+
+    writer = ParquetEmbeddingWriter(args.embeddings, dim=args.n_components, embedding_column="pca", provenance=meta)
+    if hasattr(fit_trainer, "predict"):
+        trainer = fit_trainer
+        trainer.callbacks.append(writer)
+    else:
+        trainer = build_trainer(devices=1, accelerator=args.accelerator, callbacks=[writer])
+    datamodule = ShardDataModule(
+        args.input, batch_size=args.batch_size, num_workers=args.num_workers, collection=collection
+    )
+    trainer.predict(CellariumModule(model, transforms=transforms), datamodule=datamodule, return_predictions=False)
+    if trainer.global_rank == 0:
+        logger.info("pca: wrote cell embeddings to %s", args.embeddings)
 
 
 def output_paths(output: str) -> dict[str, Path]:

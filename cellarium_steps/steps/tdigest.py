@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cellarium_steps.data import ShardDataModule
+from cellarium_steps.atomic import write_csv_atomically
+from cellarium_steps.data import open_shards
 from cellarium_steps.export import write_json_atomically, write_table_parquet
 from cellarium_steps.models import TDigest
-from cellarium_steps.runner import CellariumModule, build_trainer
-from cellarium_steps.atomic import write_csv_atomically
+from cellarium_steps.runner import fit_statistics
 from cellarium_steps.steps.common import add_common_arguments, provenance_json
 
 NAME = "tdigest"
@@ -28,10 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    datamodule = ShardDataModule(args.input, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed)
-    model = TDigest(datamodule.collection.var_names_g)
-    trainer = build_trainer(devices=args.devices, accelerator=args.accelerator, max_epochs=1)
-    trainer.fit(CellariumModule(model), datamodule=datamodule)
+    collection = open_shards(args.input)
+    model = TDigest(collection.var_names_g)
+    trainer = fit_statistics(
+        model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+        devices=args.devices, accelerator=args.accelerator,
+    )
     if trainer.global_rank == 0:
         table = model.summary_df()
         meta = provenance_json(NAME, args)

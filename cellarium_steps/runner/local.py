@@ -1,0 +1,151 @@
+"""Passes of parameter-free models (statistics, PCA) in one process, without Lightning.
+
+Importing Lightning (and the torchmetrics, transformers and sympy it pulls in) costs several
+seconds, more than a statistics pass over a few hundred thousand cells takes. A model with no
+parameters needs nothing from Lightning on one device: :func:`fit_statistics` runs the same hooks in
+the same order as Lightning's fit loop, and hands over to Lightning DDP when several devices are
+asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
+from cellarium_steps.data.shards import ShardCollection
+from cellarium_steps.models.base import CellariumModel
+from cellarium_steps.runner._calls import apply_transforms, call_with_batch
+
+logger = logging.getLogger("cellarium_steps")
+
+
+def resolve_accelerator(accelerator: str) -> str:
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def device_count(devices: int | str, accelerator: str) -> int:
+    """How many processes ``devices`` asks for (Lightning's reading of the value)."""
+    accelerator = resolve_accelerator(accelerator)
+    if isinstance(devices, int):
+        return devices if devices > 0 else (torch.cuda.device_count() if accelerator != "cpu" else 1)
+    if str(devices).isdigit():
+        return int(devices)
+    if accelerator in ("gpu", "cuda"):
+        return torch.cuda.device_count()
+    return 1
+
+
+@dataclass
+class LocalTrainer:
+    """What models' hooks read of a ``pl.Trainer``, for a single process."""
+
+    current_epoch: int = 0
+    world_size: int = 1
+    global_rank: int = 0
+    local_rank: int = 0
+    strategy: Any = None
+    lightning_module: Any = None
+
+
+def fit_statistics(
+    model: CellariumModel,
+    collection: ShardCollection,
+    *,
+    transforms: Sequence[nn.Module] = (),
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = False,
+    seed: int = 0,
+    devices: int | str = 1,
+    accelerator: str = "auto",
+    max_epochs: int = 1,
+    progress_every_s: float = 30.0,
+) -> Any:
+    """Run ``max_epochs`` passes of a parameter-free model over the cells; returns the trainer.
+
+    The returned object answers ``global_rank`` (0 on the process that writes outputs) whether the
+    passes ran here or under Lightning DDP.
+    """
+    if device_count(devices, accelerator) > 1:
+        from cellarium_steps.data.datamodule import ShardDataModule
+        from cellarium_steps.runner.module import CellariumModule
+        from cellarium_steps.runner.trainer import build_trainer
+
+        datamodule = ShardDataModule(
+            [shard.path for shard in collection.shards], batch_size=batch_size, num_workers=num_workers, shuffle=shuffle, seed=seed,
+            collection=collection,
+        )
+        trainer = build_trainer(
+            devices=devices, accelerator=accelerator, max_epochs=max_epochs, progress_every_s=progress_every_s
+        )
+        trainer.fit(CellariumModule(model, transforms=transforms), datamodule=datamodule)
+        return trainer
+    if any(p.requires_grad for p in model.parameters()):
+        raise TypeError(f"{type(model).__name__} has trainable parameters; train it with a Lightning trainer")
+
+    device = torch.device("cuda" if resolve_accelerator(accelerator) in ("gpu", "cuda") else "cpu")
+    transforms = nn.ModuleList(transforms).to(device)
+    model.to(device)
+    dataset = ShardedCellDataset(collection, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, collate_fn=collate_identity,
+        prefetch_factor=2 if num_workers else None,
+    )
+    trainer = LocalTrainer()
+    _hook(model, "on_train_start", trainer)
+    with torch.no_grad():
+        for epoch in range(max_epochs):
+            trainer.current_epoch = epoch
+            dataset.set_epoch(epoch)
+            _hook(model, "on_train_epoch_start", trainer)
+            progress = _Progress(epoch, len(dataset), progress_every_s)
+            for batch in loader:
+                batch = apply_transforms(transforms, _to_device(batch, device))
+                _hook(model, "on_train_batch_start", trainer)
+                call_with_batch(model.forward, batch)
+                progress.advance(batch["x_ng"].shape[0])
+            _hook(model, "on_train_epoch_end", trainer)
+    _hook(model, "on_train_end", trainer)
+    return trainer
+
+
+def _hook(model: nn.Module, name: str, trainer: LocalTrainer) -> None:
+    hook = getattr(model, name, None)
+    if callable(hook):
+        hook(trainer)
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class _Progress:
+    """The same log line as the Lightning runner's ``ProgressLog``."""
+
+    def __init__(self, epoch: int, total: int, every_s: float) -> None:
+        self.epoch, self.total, self.every_s = epoch, total, every_s
+        self.start = self.last = time.monotonic()
+        self.batches = self.cells = 0
+
+    def advance(self, n_cells: int) -> None:
+        self.batches += 1
+        self.cells += n_cells
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            logger.info(
+                "epoch %d: batch %d/%d, ~%d cells, %.0f cells/s",
+                self.epoch, self.batches, self.total, self.cells, self.cells / max(now - self.start, 1e-9),
+            )
