@@ -492,3 +492,26 @@ def test_step_auto_method_and_no_log1p(small_shards: list[str], tmp_path: Path) 
     model, transforms = load_pca(output_paths(str(output))["state"])
     assert [type(t).__name__ for t in transforms] == ["NormalizeTotal"]
     assert isinstance(model, IncrementalPCA) and model.n_components == 5
+
+
+@pytest.mark.parametrize("order", ["increasing", "shuffled"])
+def test_filter_keeps_the_list_order_and_sorted_rows(order: str) -> None:
+    """Filter's CSR output equals dense column selection, with each row's columns increasing
+    (torch's CSR invariant), whether or not the gene list follows the data's gene order."""
+    import scipy.sparse as sp
+
+    from cellarium_steps.transforms import Filter
+
+    rng = np.random.default_rng(0)
+    x = sp.random(300, 500, density=0.1, format="csr", random_state=1, dtype=np.float32)
+    genes_g = np.array([f"g{i}" for i in range(500)], dtype=object)
+    index = rng.choice(500, 100, replace=False)
+    index = np.sort(index) if order == "increasing" else index
+    x_ng = torch.sparse_csr_tensor(
+        torch.from_numpy(x.indptr), torch.from_numpy(x.indices), torch.from_numpy(x.data), size=x.shape
+    )
+    out = Filter(list(genes_g[index]))(x_ng, genes_g)
+    np.testing.assert_array_equal(out["x_ng"].to_dense().numpy(), x.toarray()[:, index])
+    crow, col = out["x_ng"].crow_indices().numpy(), out["x_ng"].col_indices().numpy()
+    assert all((np.diff(col[crow[i] : crow[i + 1]]) > 0).all() for i in range(x.shape[0]))
+    assert list(out["var_names_g"]) == list(genes_g[index])
