@@ -23,6 +23,8 @@ STEP_MODULES: dict[str, str] = {
     "train-scvi": "cellarium_steps.steps.train_scvi",
     "train-socam": "cellarium_steps.steps.train_socam",
     "train-logreg": "cellarium_steps.steps.train_logreg",
+    "train-geneformer": "cellarium_steps.steps.train_geneformer",
+    "train-gpt": "cellarium_steps.steps.train_gpt",
     "predict": "cellarium_steps.steps.predict",
 }
 
