@@ -553,3 +553,127 @@ def test_validate_logs_loss_and_accuracy_and_histograms_need_no_logger() -> None
     logreg = LogisticRegression(3, model.var_names_g, np.array(["a", "b"]))
     logreg.on_train_epoch_end(trainer)
     assert histograms[-1] == ("W_gc", (3, 2), 7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Predict export: the call and the top-k terms
+
+
+def test_ontology_call_is_the_most_specific_term_at_or_above_one_half() -> None:
+    from cellarium_steps.export.prediction_columns import descendant_lists, ontology_call, top_k
+
+    names = [CD4_T, NAIVE_CD4_T, MEMORY_CD4_T, B_CELL]  # CD4 T is the parent of naive and memory
+    descendants = descendant_lists(descendant_tensor(names))
+    assert descendants == [[1, 2], [], [], []]
+    probs = np.array([
+        [0.9, 0.7, 0.2, 0.1],   # naive CD4 T reaches 0.5: the deepest such term
+        [0.9, 0.45, 0.45, 0.1],  # no child reaches 0.5: stop at CD4 T
+        [0.3, 0.2, 0.1, 0.4],   # nothing reaches 0.5 (no common root): the most probable term
+        [0.5, 0.5, 0.0, 0.5],   # ties at the threshold: the more specific of the candidates
+    ])
+    assert ontology_call(probs, descendants).tolist() == [1, 0, 3, 1]
+    assert top_k(probs, 3, descendants).tolist() == [[0, 1, 2], [0, 1, 2], [3, 0, 1], [1, 3, 0]]
+
+
+def test_predict_writes_the_call_and_top_k_of_a_socam_checkpoint(small_labelled_shards, tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    from cellarium_steps.export.prediction_columns import descendant_lists, ontology_call
+
+    shards, gene_file, adata = small_labelled_shards
+    output = str(tmp_path / "socam.ckpt")
+    assert cli_main(["train-socam", "--input", *shards, "--genes", gene_file, "--output", output, "--max-epochs", "2",
+                     "--batch-size", "1024", "--top-k", "4", "--quiet"]) == 0
+    cells = str(tmp_path / "cells.parquet")
+    assert cli_main(["predict", "--checkpoint", output, "--input", *shards, "--output", cells, "--quiet"]) == 0
+    table = ds.dataset(cells).to_table()
+    schema = table.schema
+    assert schema.names == ["cell_id", "cell_type_probs", "cell_type_ontology_term_id", "cell_type",
+                            "cell_type_probability", "cell_type_top_k_ontology_term_id", "cell_type_top_k_probability"]
+    assert schema.field("cell_type_ontology_term_id").type == pa.string()
+    assert schema.field("cell_type").type == pa.string()
+    assert schema.field("cell_type_probability").type == pa.float32()
+    assert schema.field("cell_type_top_k_ontology_term_id").type == pa.list_(pa.string())
+    assert schema.field("cell_type_top_k_probability").type == pa.list_(pa.float32(), 4)
+    df = table.to_pandas()
+    # every cell, the 'unknown' ones included
+    assert len(df) == 2000 and set(df["cell_id"]) == set(adata.obs_names)
+    probs = np.stack(df["cell_type_probs"].to_numpy()).astype(np.float32)
+    descendants = descendant_lists(descendant_tensor(PBMC_TERMS))
+    call = ontology_call(probs, descendants)
+    assert df["cell_type_ontology_term_id"].tolist() == [PBMC_TERMS[i] for i in call]
+    assert df["cell_type"].tolist() == term_labels(df["cell_type_ontology_term_id"].tolist())
+    np.testing.assert_array_equal(df["cell_type_probability"].to_numpy(), probs[np.arange(len(df)), call])
+    top_terms = np.stack(df["cell_type_top_k_ontology_term_id"].to_numpy())
+    top_probs = np.stack(df["cell_type_top_k_probability"].to_numpy())
+    assert top_terms.shape == top_probs.shape == (2000, 4)
+    assert np.all(np.diff(top_probs, axis=1) <= 0)
+    np.testing.assert_array_equal(top_probs[:, 0], probs.max(1))
+    # hierarchically consistent in every prediction of a trained model: never more likely than the parent
+    d = descendant_tensor(PBMC_TERMS).numpy()
+    parents, children = np.nonzero(d - np.eye(len(PBMC_TERMS)))
+    assert np.all(probs[:, parents] >= probs[:, children] - 1e-6)
+    # the call reaches 0.5 whenever any term does, and then no descendant of it does
+    reaches = probs.max(1) >= 0.5
+    assert np.all(df["cell_type_probability"].to_numpy()[reaches] >= 0.5)
+    recipe = CellariumModule.from_checkpoint(output).recipe
+    assert recipe["data"]["prediction"]["columns"][1]["k"] == 4
+    # old-style predictions (a single vector column) still work: a LogisticRegression checkpoint
+    logreg = str(tmp_path / "logreg.ckpt")
+    assert cli_main(["train-logreg", "--input", shards[0], "--genes", gene_file, "--output", logreg,
+                     "--max-epochs", "1", "--quiet"]) == 0
+    assert cli_main(["predict", "--checkpoint", logreg, "--input", shards[0], "--output", str(tmp_path / "lr.parquet"),
+                     "--quiet"]) == 0
+    assert ds.dataset(str(tmp_path / "lr.parquet")).schema.names == ["cell_id", "y_logits"]
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_train_and_predict_on_2_processes_match_1(small_labelled_shards, tmp_path: Path) -> None:
+    """Full-batch steps (the batch holds every cell, so the 2 ranks' batches together are the 1-process
+    batch): the global labelled count scales each rank's loss, so the DDP step is the 1-process step and the
+    predictions agree to float32 summation order."""
+    shards, gene_file, _ = small_labelled_shards
+    tables = {}
+    for devices in (1, 2):
+        output = str(tmp_path / f"d{devices}" / "socam.ckpt")
+        run_cli("train-socam", "--input", *shards, "--genes", gene_file, "--output", output, "--max-epochs", "3",
+                "--learning-rate", "0.05", "--batch-size", "2048", "--devices", str(devices), "--accelerator", "cpu",
+                "--quiet")
+        cells = str(tmp_path / f"d{devices}" / "cells.parquet")
+        run_cli("predict", "--checkpoint", output, "--input", *shards, "--output", cells, "--devices", str(devices),
+                "--accelerator", "cpu", "--quiet")
+        tables[devices] = pd.read_parquet(cells).set_index("cell_id").sort_index()
+    one, two = tables[1], tables[2]
+    assert len(one) == len(two) == 2000 and list(one.index) == list(two.index)
+    probs_1, probs_2 = (np.stack(t["cell_type_probs"].to_numpy()) for t in (one, two))
+    difference = float(np.abs(probs_1 - probs_2).max())
+    print(f"\nDDP 2 vs 1 process: largest |probability difference| {difference:.2e}; calls equal on "
+          f"{(one['cell_type_ontology_term_id'] == two['cell_type_ontology_term_id']).mean():.4f} of cells")
+    assert difference < 1e-4
+    assert (one["cell_type_ontology_term_id"] == two["cell_type_ontology_term_id"]).all()
+
+
+def test_bad_labels_and_subsets_are_named(small_labelled_shards, tmp_path: Path, capsys) -> None:
+    """A well-formed id the ontology does not know, a label outside cl_name_subset, an empty subset."""
+    _, gene_file, adata = small_labelled_shards
+    bad = adata[:40].copy()
+    column = bad.obs["cell_type_ontology_term_id"].astype(str).to_numpy()
+    column[3] = "CL:9999999"
+    bad.obs["cell_type_ontology_term_id"] = pd.Categorical(column)
+    path = tmp_path / "unknown_id.h5ad"
+    bad.write_h5ad(path)
+    assert cli_main(["train-socam", "--input", str(path), "--genes", gene_file, "--output", str(tmp_path / "x.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "'CL:9999999'" in err and "CL v" in err and str(path) in err
+    names = [CD4_T, NAIVE_CD4_T, B_CELL]
+    model = _socam(names, cl_name_subset=[B_CELL], include_ancestors_of_cl_name_subset=False)
+    with pytest.raises(ValueError, match=f"'{CD4_T}'"):
+        model(torch.rand(2, 5), model.var_names_g, np.array([B_CELL, CD4_T], dtype=object))
+    with pytest.raises(ValueError, match="cl_name_subset is empty"):
+        _socam(names, cl_name_subset=[])
+    with pytest.raises(ValueError, match="CL:9999999"):
+        _socam(names, cl_name_subset=["CL:9999999"])
+    assert cli_main(["train-socam", "--input", str(path), "--output", str(tmp_path / "x.ckpt"), "--top-k", "0"]) == 2
+    assert "--top-k" in capsys.readouterr().err

@@ -9,7 +9,9 @@ Use :class:`ParquetEmbeddingWriter` as a callback of the trainer that runs ``tra
 
 The output is a directory of Parquet part files, one per rank (``part-00000.parquet``, ...),
 each with one row group per batch: ``cell_id`` (string) and the embedding as a fixed-size list of
-float32. pyarrow, pandas and polars read the directory as one table; DuckDB reads
+float32, then any derived columns (``columns=``: see :mod:`cellarium_steps.export.prediction_columns`,
+e.g. a classifier's call and top-k terms). :meth:`ParquetEmbeddingWriter.from_prediction_spec` builds
+the writer from a checkpoint recipe's ``data.prediction``. pyarrow, pandas and polars read the directory as one table; DuckDB reads
 ``'<path>/*.parquet'``. The parts are written under a temporary sibling directory that rank 0
 renames into place after every rank has closed its file, so a failed or killed run never leaves
 a partial output at ``path``.
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
+from cellarium_steps.export.prediction_columns import ColumnBuilder, column_builder
 from cellarium_steps.export.tables import PROVENANCE_KEY
 
 # Lightning tracks batch indices for prediction writers through a sampler; our iterable
@@ -54,6 +57,8 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
             (for instance ``{"batch_index_n": "batch_index"}``); types are taken from the data.
         provenance: Stored in each part file's schema metadata, as the step tables do.
         compression: Parquet compression codec.
+        columns: Specs of further columns derived from the prediction (plain data, see
+            :mod:`cellarium_steps.export.prediction_columns`), written after the embedding.
     """
 
     def __init__(
@@ -68,6 +73,7 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
         extra_keys: Mapping[str, str] | None = None,
         provenance: dict[str, Any] | str | None = None,
         compression: str = "zstd",
+        columns: Sequence[Mapping[str, Any]] = (),
     ) -> None:
         super().__init__(write_interval="batch")
         if dim < 1:
@@ -80,11 +86,19 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
         self.id_column = id_column
         self.extra_keys = dict(extra_keys or {})
         self.compression = compression
+        self.columns: list[ColumnBuilder] = [column_builder(c) for c in columns]
         text = provenance if provenance is None or isinstance(provenance, str) else json.dumps(provenance, default=str)
         self._metadata = {PROVENANCE_KEY: text.encode()} if text is not None else None
         self._writer: pq.ParquetWriter | None = None
         self._rank = 0
         self.rows_written = 0
+
+    @classmethod
+    def from_prediction_spec(cls, path: str | os.PathLike, prediction: Mapping[str, Any], **kwargs: Any) -> ParquetEmbeddingWriter:
+        """The writer a recipe's ``data.prediction`` describes: ``key``, ``column`` and ``dim`` of the
+        per-cell matrix, and optionally ``columns``, the specs of derived columns."""
+        return cls(path, dim=int(prediction["dim"]), embedding_key=str(prediction["key"]),
+                   embedding_column=str(prediction["column"]), columns=prediction.get("columns") or (), **kwargs)
 
     @property
     def tmp_dir(self) -> str:
@@ -100,6 +114,7 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
             [
                 pa.field(self.id_column, pa.string()),
                 pa.field(self.embedding_column, pa.list_(pa.float32(), self.dim)),
+                *(f for builder in self.columns for f in builder.fields()),
             ],
             metadata=self._metadata,
         )
@@ -141,6 +156,9 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
             pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(z_nk).reshape(-1)), self.dim),
         ]
         names = [self.id_column, self.embedding_column]
+        for builder in self.columns:
+            columns.extend(builder.build(prediction))
+            names.extend(f.name for f in builder.fields())
         for key, column in self.extra_keys.items():
             columns.append(pa.array(_to_numpy(prediction[key])))
             names.append(column)

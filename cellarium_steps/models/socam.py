@@ -68,8 +68,8 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
     other or to the parent. Without propagation the loss is the flat cross-entropy ``-log p[label]``.
 
     Training objective (MAP): ``(n_obs / m) * sum_labelled -log p_prop[label] + sum |W_gc| / W_prior_scale``
-    where ``m`` is the number of labelled cells in the batch and ``n_obs`` the number of labelled
-    cells in the dataset (the Laplace(0, W_prior_scale) prior's negative log density, less a
+    where ``m`` is the number of labelled cells in the batch (under DDP, in the global batch: see
+    ``_loss``) and ``n_obs`` the number of labelled cells in the dataset (the Laplace(0, W_prior_scale) prior's negative log density, less a
     constant). Cells with no label (None, NaN, ``"unknown"``, see
     :data:`cellarium_steps.ontology.UNLABELLED_VALUES`) are masked out of the likelihood.
 
@@ -207,15 +207,22 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
         labelled_n = y_n >= 0
         return self.logits(x_ng)[labelled_n], y_n[labelled_n]
 
-    def _loss(self, logits_mc: torch.Tensor, y_m: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits_mc: torch.Tensor, y_m: torch.Tensor, *, across_ranks: bool = False) -> torch.Tensor:
+        """The batch's NLL scaled to ``n_obs`` labelled cells, plus the prior.
+
+        With ``across_ranks`` (training under DDP), ``m`` is the labelled cells of the *global* batch
+        (all ranks' counts summed) and each rank's NLL is scaled by ``world_size * n_obs / m``: DDP
+        averages the ranks' gradients, so the step is exactly the one a single process takes on the
+        union of the ranks' batches, however the labelled cells fall between ranks.
+        """
         prior = self.W_gc.abs().sum() / self.W_prior_scale
-        m = y_m.shape[0]
-        if m == 0:
+        m, world_size = _global_count(y_m.shape[0], self.W_gc.device) if across_ranks else (y_m.shape[0], 1)
+        if y_m.shape[0] == 0 or m == 0:
             # b_c stays in the graph, with a zero gradient: under DDP every rank must reduce every parameter
             return prior + 0.0 * self.b_c.sum()
         descendant_cc = self.active_descendant_tensor_cc if self.probability_propagation_flag else None
         nll = -label_log_probs(logits_mc, y_m, descendant_cc).sum()
-        return nll * (self.n_obs / m) + prior
+        return nll * (world_size * self.n_obs / m) + prior
 
     def forward(self, x_ng: torch.Tensor, var_names_g: np.ndarray, cl_names_n: np.ndarray) -> dict[str, torch.Tensor | None]:
         """Negative log posterior (up to a constant) of the batch, scaled to ``n_obs`` labelled cells.
@@ -226,7 +233,7 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
             cl_names_n: Each cell's CL id; unlabelled values are masked out, any other value
                 must be an active category.
         """
-        return {"loss": self._loss(*self._labelled(x_ng, var_names_g, cl_names_n))}
+        return {"loss": self._loss(*self._labelled(x_ng, var_names_g, cl_names_n), across_ranks=self.training)}
 
     def validate(
         self,
@@ -270,6 +277,20 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
     def on_train_epoch_end(self, trainer: pl.Trainer) -> None:
         if self.log_metrics:
             log_histogram(trainer, "W_gc", self.W_gc)
+
+
+def _global_count(m: int, device: torch.device) -> tuple[int, int]:
+    """(the sum of ``m`` over the ranks, the world size); ``(m, 1)`` outside a process group.
+
+    A collective: under DDP every rank calls it once per training step (the forward does).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return m, 1
+    total = torch.tensor([m], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item()), dist.get_world_size()
 
 
 def log_histogram(trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:

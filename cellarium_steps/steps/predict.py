@@ -20,7 +20,21 @@ EPILOG = """outputs:
   OUTPUT (a Parquet dataset: a directory of part files, one per device)
       cell_id      the cell's obs name
       <column>     the model's per-cell output as a fixed-size list of float32: scvi_latent (scVI latent
-                   mean) for train-scvi checkpoints
+                   mean) for train-scvi checkpoints, cell_type_probs (propagated probabilities, one per
+                   class of OUTPUT.classes.csv's order) for train-socam, y_logits for train-logreg
+  train-socam checkpoints add, per cell (unlabelled cells included):
+      cell_type_ontology_term_id     the call (string): the most specific term whose propagated
+                   probability (the cell is this term or a descendant of it) is at least 0.5. In a
+                   tree at most one child of a term can reach 0.5, so this walks down the ontology
+                   while some child is more likely than not and stops at the deepest such term (for
+                   several in a DAG: the most probable). If no term reaches 0.5 (the classes have no
+                   common root), the most probable term.
+      cell_type                      that term's ontology label (string)
+      cell_type_probability          its propagated probability (float32)
+      cell_type_top_k_ontology_term_id  the k terms of highest propagated probability (list of string;
+                   k set by train-socam --top-k, default 3); an ancestor ranks at or above its
+                   descendants (ties: the more specific term first)
+      cell_type_top_k_probability    their propagated probabilities (fixed-size list of k float32)
   the checkpoint's and this run's config and versions are in the files' metadata
 
 The checkpoint says which genes, batch key and batch categories the model expects; a shard that lacks
@@ -52,11 +66,13 @@ def run(args: argparse.Namespace) -> None:
         batch_categories=data.get("batch_categories") if batch_key else None,
     )
     module = CellariumModule.from_checkpoint(args.checkpoint)
-    writer = ParquetEmbeddingWriter(
-        args.output, dim=int(prediction["dim"]), embedding_key=prediction["key"],
-        embedding_column=prediction["column"],
-        provenance={"predict": provenance(NAME, args), "training": recipe.get("provenance")},
-    )
+    try:
+        writer = ParquetEmbeddingWriter.from_prediction_spec(
+            args.output, prediction,
+            provenance={"predict": provenance(NAME, args), "training": recipe.get("provenance")},
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"--checkpoint: {args.checkpoint}: unreadable prediction spec ({type(e).__name__}: {e})") from None
     trainer = build_trainer(devices=args.devices, accelerator=args.accelerator, callbacks=[writer])
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if trainer.global_rank == 0:

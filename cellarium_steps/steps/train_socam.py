@@ -25,6 +25,7 @@ from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.reader import ShardReader
 from cellarium_steps.data.shards import ShardCollection
 from cellarium_steps.export import write_json_atomically
+from cellarium_steps.export.prediction_columns import descendant_lists
 from cellarium_steps.models.socam import SOCAM
 from cellarium_steps.ontology import (
     descendant_tensor,
@@ -43,6 +44,8 @@ logger = logging.getLogger("cellarium_steps")
 
 NAME = "train-socam"
 HELP = "train SOCAM, a cell type classifier over Cell Ontology terms with probability propagation, streamed"
+#: train-socam's default Laplace scale b (the MAP objective is scikit-learn's L1 logistic regression with C = b)
+SOCAM_W_PRIOR_SCALE = 1.0
 #: SOCAM starts from small weights: with thousands of genes, W_init_scale=1 (the API default) gives huge logits.
 W_INIT_SCALE = 0.01
 EPILOG = """model:
@@ -52,6 +55,20 @@ EPILOG = """model:
   of the softmax probabilities of itself and its descendants among the labels, so a parent is never
   less likely than its child, and a cell labelled with a parent term (CD4 T) is a correct positive for
   it whichever child it is (loss -log p_prop[label]). Labels may be at mixed depth.
+
+prior:
+  The loss is n_obs x (mean -log p_prop[label] over the batch's labelled cells) + sum|W| / b, so per
+  labelled cell the prior weighs 1 / (b n_obs): the optimum is scikit-learn's L1 logistic regression with
+  C = b, whatever n_obs is. The API's default b = 0.01 suits atlas-scale n_obs; on thousands of cells it
+  zeroes most genes and shrinks the probabilities (fewer calls reach 0.5), hence the default 1 here, as
+  train-logreg. Larger b is weaker regularisation.
+
+prediction:
+  predict writes each cell's call: the most specific term whose propagated probability is >= 0.5 (the
+  term walked down to while some child is more likely than not; the most probable term if none reaches
+  0.5), its label and probability, and the --top-k terms of highest propagated probability. Judge the call
+  against a label at mixed depth as right when it is the label or one of its descendants (naive CD4 T for
+  a cell labelled CD4 T): an exact-match score counts those as errors.
 
 labels:
   --cell-type-key holds Cell Ontology ids (CL:0000624). Cells whose value is missing or 'unknown' are
@@ -63,6 +80,10 @@ outputs:
   OUTPUT (.ckpt)            Lightning checkpoint with the recipe inside: CellariumModule.from_checkpoint(OUTPUT)
                             rebuilds NormalizeTotal -> Log1p -> Filter(genes) -> SOCAM; its predict gives
                             y_logits_nc and cell_type_probs_nc, shape (cells, classes). Written atomically.
+                            The recipe's data.prediction tells predict to write, per cell, the call
+                            (cell_type_ontology_term_id, cell_type, cell_type_probability: the most specific
+                            term whose propagated probability is >= 0.5) and the --top-k terms
+                            (cell_type_top_k_ontology_term_id, cell_type_top_k_probability); see predict --help.
   OUTPUT + .classes.csv     the classes in output column order: cl_name, label
   OUTPUT + .provenance.json the run's config and versions
 
@@ -97,11 +118,18 @@ def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = add_label_training_arguments(parser, step=NAME, w_prior_scale=0.01)
+    # 1.0, not the API's 0.01: the prior's weight against the n_obs-scaled likelihood is 1 / (b n_obs) per
+    # cell, so b = 0.01 on thousands of labelled cells is an L1 penalty of scikit-learn's C = 0.01 that zeroes
+    # most genes; b = 1 is C = 1, as train-logreg (see the epilog's "prior" paragraph)
+    group = add_label_training_arguments(parser, step=NAME, w_prior_scale=SOCAM_W_PRIOR_SCALE)
     group.add_argument(
         "--no-probability-propagation", dest="probability_propagation", action="store_false",
         help="train and predict with a flat softmax over the terms (a parent-labelled cell then counts as a "
         "negative for the children)",
+    )
+    group.add_argument(
+        "--top-k", type=int, default=3, metavar="K",
+        help="predict writes each cell's K most probable terms (default: 3; at most the number of terms)",
     )
 
 
@@ -315,22 +343,55 @@ def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
     return LabelTraining(datamodule, genes, summary, var_names_g)
 
 
+#: the call is the most specific term whose propagated probability reaches this (see predict --help)
+CALL_THRESHOLD = 0.5
+
+
+def socam_prediction_spec(classes: Sequence[str], descendant_cc: torch.Tensor, *, top_k: int,
+                          threshold: float = CALL_THRESHOLD) -> dict[str, Any]:
+    """The recipe's ``data.prediction`` for SOCAM: the propagated probabilities as a vector column, the
+    call (term, label, probability) and the top-k terms, built by the predict step's Parquet writer."""
+    classes = [str(c) for c in classes]
+    descendants = descendant_lists(descendant_cc)
+    return {
+        "key": "cell_type_probs_nc", "column": "cell_type_probs", "dim": len(classes),
+        "columns": [
+            {"kind": "ontology_call", "key": "cell_type_probs_nc", "classes": classes,
+             "class_labels": term_labels(classes), "descendants": descendants, "threshold": float(threshold),
+             "term_column": "cell_type_ontology_term_id", "label_column": "cell_type",
+             "probability_column": "cell_type_probability"},
+            {"kind": "top_k", "key": "cell_type_probs_nc", "classes": classes, "k": int(top_k),
+             "descendants": descendants, "term_column": "cell_type_top_k_ontology_term_id",
+             "probability_column": "cell_type_top_k_probability"},
+        ],
+    }
+
+
+def top_k_for(args: argparse.Namespace, n_classes: int) -> int:
+    if args.top_k > n_classes:
+        logger.warning("--top-k %d is more than the %d cell types found; writing the top %d", args.top_k, n_classes,
+                       n_classes)
+    return min(args.top_k, n_classes)
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k: must be at least 1, got {args.top_k}")
     setup = prepare_label_training(args)
     datamodule, genes, summary, var_names_g = setup.datamodule, setup.genes, setup.summary, setup.var_names_g
     cl_names = summary.labels
+    descendant_cc = descendant_tensor(cl_names)
     model_spec = spec(
         SOCAM, n_obs=summary.n_labelled, var_names_g=var_names_g,
-        descendant_tensor=descendant_tensor(cl_names).tolist(), cl_names=cl_names, cl_name_subset=cl_names,
+        descendant_tensor=descendant_cc.tolist(), cl_names=cl_names, cl_name_subset=cl_names,
         probability_propagation_flag=bool(args.probability_propagation), W_prior_scale=float(args.w_prior_scale),
         W_init_scale=W_INIT_SCALE, seed=int(args.seed), log_metrics=True,
     )
     recipe = {
         "model": model_spec,
         "transforms": transform_specs(args, genes),
-        "data": label_data(args, var_names_g, summary, prediction={
-            "key": "cell_type_probs_nc", "column": "cell_type_probs", "dim": len(cl_names),
-        }),
+        "data": label_data(args, var_names_g, summary, prediction=socam_prediction_spec(
+            cl_names, descendant_cc, top_k=top_k_for(args, len(cl_names)))),
         "provenance": plain_provenance(NAME, args),
     }
     fit_and_write(args, datamodule, recipe, {"label_key": args.cell_type_key, "label_format": "names"}, cl_names)
