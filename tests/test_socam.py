@@ -655,6 +655,28 @@ def test_train_and_predict_on_2_processes_match_1(small_labelled_shards, tmp_pat
     assert (one["cell_type_ontology_term_id"] == two["cell_type_ontology_term_id"]).all()
 
 
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_logreg_on_2_processes_matches_1(small_labelled_shards, tmp_path: Path) -> None:
+    """LogisticRegression scales its likelihood by the global labelled count as SOCAM does: full-batch
+    steps on 2 ranks equal the 1-process steps."""
+    shards, gene_file, _ = small_labelled_shards
+    logits = {}
+    for devices in (1, 2):
+        output = str(tmp_path / f"lr{devices}" / "logreg.ckpt")
+        run_cli("train-logreg", "--input", *shards, "--genes", gene_file, "--output", output, "--max-epochs", "3",
+                "--learning-rate", "0.05", "--batch-size", "2048", "--devices", str(devices), "--accelerator", "cpu",
+                "--quiet")
+        cells = str(tmp_path / f"lr{devices}" / "cells.parquet")
+        run_cli("predict", "--checkpoint", output, "--input", *shards, "--output", cells, "--devices", str(devices),
+                "--accelerator", "cpu", "--quiet")
+        table = pd.read_parquet(cells).set_index("cell_id").sort_index()
+        logits[devices] = np.stack(table["y_logits"].to_numpy())
+    assert logits[1].shape == logits[2].shape and logits[1].shape[0] == 2000
+    np.testing.assert_allclose(logits[2], logits[1], rtol=1e-4, atol=1e-4)
+    assert (logits[1].argmax(1) == logits[2].argmax(1)).all()
+
+
 def test_bad_labels_and_subsets_are_named(small_labelled_shards, tmp_path: Path, capsys) -> None:
     """A well-formed id the ontology does not know, a label outside cl_name_subset, an empty subset."""
     _, gene_file, adata = small_labelled_shards

@@ -6,7 +6,7 @@ import torch
 
 from cellarium_steps._batch import densify, is_sparse
 
-__all__ = ["densify", "grouped_column_moments", "is_sparse", "nonzero_entries"]
+__all__ = ["densify", "global_count", "grouped_column_moments", "is_sparse", "nonzero_entries"]
 
 
 def nonzero_entries(x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,3 +75,17 @@ def _grouped_column_moments_scipy(
         sums[k] = ones @ sp.csr_matrix((value_e[e0:e1], col_e[e0:e1], indptr), shape=(b - a, g))
         squares[k] = ones @ sp.csr_matrix((square_e[e0:e1], col_e[e0:e1], indptr), shape=(b - a, g))
     return torch.from_numpy(sums), torch.from_numpy(squares)
+
+
+def global_count(m: int, device: torch.device) -> tuple[int, int]:
+    """(the sum of ``m`` over the ranks, the world size); ``(m, 1)`` outside a process group.
+
+    A collective: under DDP every rank calls it once per training step (the forward does).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return m, 1
+    total = torch.tensor([m], dtype=torch.long, device=device)
+    dist.all_reduce(total)
+    return int(total.item()), dist.get_world_size()

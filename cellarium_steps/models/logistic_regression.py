@@ -10,6 +10,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from cellarium_steps.models._tensors import global_count
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
 from cellarium_steps.models.socam import log_histogram
 from cellarium_steps.ontology import is_unlabelled
@@ -161,17 +162,23 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
             return x_ng, target_n
         return x_ng[labelled_n], target_n[labelled_n]
 
-    def log_joint(self, x_mg: torch.Tensor, y_m: torch.Tensor) -> torch.Tensor:
+    def log_joint(self, x_mg: torch.Tensor, y_m: torch.Tensor, *, across_ranks: bool = False) -> torch.Tensor:
         """log p(W_gc) + (n_obs / m) log p(y | x, W_gc, b_c) at the point estimate: what ``model``
         scores under ``guide``, so ``-log_joint`` equals ``Trace_ELBO().differentiable_loss(model, guide)``
-        (the Delta guide adds nothing), computed without tracing."""
+        (the Delta guide adds nothing), computed without tracing.
+
+        With ``across_ranks`` (training under DDP) ``m`` counts the labelled cells of every rank's
+        batch and the likelihood is scaled by ``world_size * n_obs / m``: DDP averages gradients, so
+        the step is the one a single process takes on the union of the batches, however the
+        labelled cells fall between ranks.
+        """
         log_prior = dist.Laplace(torch.zeros((), device=x_mg.device), self.W_prior_scale).log_prob(self.W_gc).sum()
-        m = y_m.shape[0]
-        if m == 0:
+        m, world_size = global_count(y_m.shape[0], self.W_gc.device) if across_ranks else (y_m.shape[0], 1)
+        if y_m.shape[0] == 0 or m == 0:
             # b_c stays in the graph, with a zero gradient: under DDP every rank must reduce every parameter
             return log_prior + 0.0 * self.b_c.sum()
         log_likelihood = dist.Categorical(logits=x_mg @ self.W_gc + self.b_c).log_prob(y_m).sum()
-        return log_prior + log_likelihood * (max(self.n_obs, m) / m)
+        return log_prior + log_likelihood * (world_size * max(self.n_obs, m) / m)
 
     def forward(
         self, x_ng: torch.Tensor, var_names_g: np.ndarray, y_n: torch.Tensor, y_categories: np.ndarray | None = None
@@ -188,7 +195,7 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
             likelihood scaled to ``n_obs`` cells.
         """
         x_mg, y_m = self._labelled(x_ng, var_names_g, y_n, y_categories)
-        return {"loss": -self.log_joint(x_mg, y_m)}
+        return {"loss": -self.log_joint(x_mg, y_m, across_ranks=self.training)}
 
     def validate(
         self,

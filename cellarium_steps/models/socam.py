@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cellarium_steps.models._tensors import global_count
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
 from cellarium_steps.ontology import is_unlabelled
 
@@ -216,7 +217,7 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
         union of the ranks' batches, however the labelled cells fall between ranks.
         """
         prior = self.W_gc.abs().sum() / self.W_prior_scale
-        m, world_size = _global_count(y_m.shape[0], self.W_gc.device) if across_ranks else (y_m.shape[0], 1)
+        m, world_size = global_count(y_m.shape[0], self.W_gc.device) if across_ranks else (y_m.shape[0], 1)
         if y_m.shape[0] == 0 or m == 0:
             # b_c stays in the graph, with a zero gradient: under DDP every rank must reduce every parameter
             return prior + 0.0 * self.b_c.sum()
@@ -277,20 +278,6 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
     def on_train_epoch_end(self, trainer: pl.Trainer) -> None:
         if self.log_metrics:
             log_histogram(trainer, "W_gc", self.W_gc)
-
-
-def _global_count(m: int, device: torch.device) -> tuple[int, int]:
-    """(the sum of ``m`` over the ranks, the world size); ``(m, 1)`` outside a process group.
-
-    A collective: under DDP every rank calls it once per training step (the forward does).
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return m, 1
-    total = torch.tensor([m], dtype=torch.long, device=device)
-    dist.all_reduce(total)
-    return int(total.item()), dist.get_world_size()
 
 
 def log_histogram(trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:
