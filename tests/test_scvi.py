@@ -10,15 +10,21 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import run_cli
 from torch.utils.data import DataLoader
 
 from cellarium_steps.data.dataset import collate_identity
 from cellarium_steps.data.simulate import simulate_shards
 from cellarium_steps.models import SingleCellVariationalInference
-from cellarium_steps.models.scvi import scvi_tools_default_architecture
+from cellarium_steps.models.scvi import (
+    Reservoir,
+    fit_logistic_regression,
+    ontology_spearman,
+    scvi_tools_default_architecture,
+    spearman_correlation,
+)
 from cellarium_steps.runner import CellariumModule, build_trainer
 from cellarium_steps.steps.cli import main as cli_main
-from conftest import run_cli
 
 RELATIVE_TOLERANCE = 1e-5
 
@@ -373,7 +379,7 @@ def test_bad_batch_index_is_named(counts: tuple[torch.Tensor, torch.Tensor]) -> 
         (dict(gene_likelihood="zinb"), NotImplementedError, "zinb"),
         (dict(latent_distribution="ln"), NotImplementedError, "logistic normal"),
         (dict(dispersion="gene-label"), NotImplementedError, "labels"),
-        (dict(cell_type_categories=["CL:0000540"]), NotImplementedError, "validation metrics"),
+        (dict(val_cell_type_classifier_reservoir_size=0), ValueError, "reservoir_size"),
         (dict(use_batch_norm="sometimes"), ValueError, "use_batch_norm"),
         (dict(decoder={"hidden_layers": [{"class_path": "Conv1d", "init_args": {"out_features": 3}}],
                        "final_layer": {"class_path": "Linear"}}), ValueError, "unknown layer class_path 'Conv1d'"),
@@ -516,3 +522,253 @@ def test_validation_logs_loss_terms(counts: tuple[torch.Tensor, torch.Tensor]) -
     metrics = trainer.validate(CellariumModule(make_model()), loader, verbose=False)[0]
     assert {"val_loss", "val_reconstruction_loss", "val_kl_divergence_z"} <= set(metrics)
     assert np.isfinite(metrics["val_loss"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation metrics: the reservoir-sampled cell type classifier and the ontology Spearman
+
+def test_reservoir_keeps_at_most_n_and_is_uniform() -> None:
+    n_stream, size, n_trials = 200, 20, 2000
+    hits = np.zeros(n_stream)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(n_trials):
+        reservoir = Reservoir(size, 1, generator)
+        for chunk in torch.arange(n_stream).split(37):  # uneven batches, some larger than the reservoir
+            reservoir.add(chunk[:, None].float(), chunk)
+            assert reservoir.fill == min(reservoir.seen, size) <= size
+        z_rk, y_r = reservoir.rows()
+        assert z_rk.shape == (size, 1) and len(set(y_r.tolist())) == size  # no row twice
+        assert torch.equal(z_rk[:, 0].long(), y_r)  # features and labels stay paired
+        hits[y_r.numpy()] += 1
+    # Each row is kept with probability size / n_stream = 0.1: 200 expected hits, sd ~13.4.
+    expected = n_trials * size / n_stream
+    assert np.abs(hits - expected).max() < 5 * np.sqrt(expected * (1 - size / n_stream))
+    assert abs(hits[:100].mean() - hits[100:].mean()) < 0.05 * expected  # early and late rows alike
+
+    small = Reservoir(50, 2, generator)
+    small.add(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long))
+    assert small.fill == 10 and small.rows()[0].shape == (10, 2)
+
+
+def test_spearman_and_logistic_regression_helpers() -> None:
+    scipy_stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 30).astype(float), rng.normal(size=30)
+    assert spearman_correlation(torch.tensor(a), torch.tensor(b)) == pytest.approx(scipy_stats.spearmanr(a, b)[0])
+    assert np.isnan(spearman_correlation(torch.ones(5), torch.arange(5.0)))
+
+    centers_ck = torch.tensor([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+    y_n = torch.arange(300) % 3
+    z_nk = centers_ck[y_n] + torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    predict_proba = fit_logistic_regression(z_nk, y_n, n_classes=4)  # class 3 never seen
+    probabilities_nc = predict_proba(z_nk)
+    assert probabilities_nc.shape == (300, 4) and (probabilities_nc[:, 3] < 1e-6).all()
+    assert (probabilities_nc.argmax(-1) == y_n).double().mean() > 0.99
+
+
+def test_ontology_spearman_is_one_when_the_latent_mirrors_the_ontology() -> None:
+    from cellarium_steps.ontology import compute_cl_distance_matrix
+
+    # Types on a line, distances without ties: centroids in the same order give exactly 1.
+    position_c = torch.tensor([0.0, 1.0, 3.0, 7.0, 15.0], dtype=torch.float64)
+    distance_cc = (position_c[:, None] - position_c[None, :]).abs()
+    count_c = torch.tensor([10.0, 20.0, 5.0, 1.0, 3.0], dtype=torch.float64)
+    centroid_ck = torch.stack([position_c * 2.5, torch.zeros(5, dtype=torch.float64)], 1)
+    assert ontology_spearman(centroid_ck * count_c[:, None], count_c, distance_cc) == pytest.approx(1.0)
+    shuffled_ck = centroid_ck[[3, 4, 0, 2, 1]]  # each type at another type's centroid
+    assert ontology_spearman(shuffled_ck * count_c[:, None], count_c, distance_cc) < 0.5
+    # Absent types are left out; fewer than three present types give NaN.
+    count_c[3] = 0
+    assert ontology_spearman(centroid_ck * count_c[:, None], count_c, distance_cc) == pytest.approx(1.0)
+    assert np.isnan(ontology_spearman(centroid_ck, torch.tensor([1.0, 1, 0, 0, 0]), distance_cc))
+
+    # Real Cell Ontology distances (with ties): centroids placed by classical MDS of D + c (exactly
+    # Euclidean for a large c, same order as D) score higher than the same centroids shuffled.
+    types = ["CL:0000624", "CL:0000625", "CL:0000236", "CL:0001054", "CL:0000233"]
+    cl_distance_cc = torch.tensor(compute_cl_distance_matrix(types).to_numpy())
+    shifted_cc = cl_distance_cc + 10 * cl_distance_cc.max() * (1 - torch.eye(5, dtype=torch.float64))
+    centering = torch.eye(5, dtype=torch.float64) - 1 / 5
+    eigenvalues, eigenvectors = torch.linalg.eigh(-0.5 * centering @ shifted_cc**2 @ centering)
+    cl_centroid_ck = eigenvectors * eigenvalues.clamp_min(0).sqrt()
+    ones = torch.ones(5, dtype=torch.float64)
+    mirrored = ontology_spearman(cl_centroid_ck, ones, cl_distance_cc)
+    assert mirrored > 0.7 and mirrored > ontology_spearman(cl_centroid_ck[[3, 4, 0, 2, 1]], ones, cl_distance_cc)
+
+
+VALIDATION_TYPES = ["CL:0000624", "CL:0000625", "CL:0000236", "CL:0001054"]
+
+
+def separated_counts(n_cells: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Counts where each cell type expresses its own block of genes: well-separated clusters."""
+    generator = torch.Generator().manual_seed(seed)
+    type_n = torch.arange(n_cells) % len(VALIDATION_TYPES)
+    rate_ng = torch.full((n_cells, len(GENES)), 0.5)
+    block = len(GENES) // len(VALIDATION_TYPES)
+    for t in range(len(VALIDATION_TYPES)):
+        rate_ng[type_n == t, t * block : (t + 1) * block] = 20.0
+    x_ng = torch.poisson(rate_ng, generator=generator)
+    return x_ng, torch.arange(n_cells) % N_BATCH, type_n
+
+
+def test_validation_logs_cell_type_metrics() -> None:
+    from cellarium_steps.ontology import compute_cl_distance_matrix
+
+    x_ng, batch_index_n, type_n = separated_counts(800)
+    codes_n = type_n.clone()
+    codes_n[::10] = -1  # unlabelled cells are left out of both metrics
+    batches = [
+        {"x_ng": x.to_sparse_csr(), "var_names_g": GENES, "batch_index_n": b, "validation_cell_type_index_n": c}
+        for x, b, c in zip(x_ng.split(50), batch_index_n.split(50), codes_n.split(50))
+    ]
+    model = make_model(cell_type_categories=VALIDATION_TYPES, val_cell_type_classifier_reservoir_size=150,
+                       ontology_distance_matrix=compute_cl_distance_matrix(VALIDATION_TYPES[::-1] + ["CL:0000233"]))
+    assert model.ontology_distance_cc.shape == (4, 4) and "ontology_distance_cc" not in model.state_dict()
+    trainer = build_trainer(accelerator="cpu", trainable=True)
+    loader = DataLoader(batches, batch_size=None, collate_fn=collate_identity)
+    metrics = trainer.validate(CellariumModule(model), loader, verbose=False)[0]
+    assert {"val_loss", "val_cell_type_classifier_accuracy", "val_ontology_spearman"} <= set(metrics)
+    assert metrics["val_cell_type_classifier_accuracy"] > 0.95  # separated clusters, even an untrained encoder
+    assert -1.0 <= metrics["val_ontology_spearman"] <= 1.0
+    assert model._val_state is None  # the epoch's state is dropped once logged
+
+
+def test_validation_metrics_need_labels_and_consistent_options() -> None:
+    # Without labels in the batch, only the loss terms are logged.
+    x_ng, batch_index_n, _ = separated_counts(64)
+    batches = [{"x_ng": x_ng, "var_names_g": GENES, "batch_index_n": batch_index_n}]
+    trainer = build_trainer(accelerator="cpu", trainable=True)
+    loader = DataLoader(batches, batch_size=None, collate_fn=collate_identity)
+    metrics = trainer.validate(CellariumModule(make_model(cell_type_categories=VALIDATION_TYPES)), loader,
+                               verbose=False)[0]
+    assert "val_loss" in metrics and "val_cell_type_classifier_accuracy" not in metrics
+    with pytest.raises(ValueError, match="needs cell_type_categories"):
+        make_model(ontology_distance_matrix=pd.DataFrame([[0.0]], index=["CL:0000236"], columns=["CL:0000236"]))
+    with pytest.raises(ValueError, match="no row or column"):
+        make_model(cell_type_categories=["CL:0000236", "CL:0000624"],
+                   ontology_distance_matrix=pd.DataFrame([[0.0]], index=["CL:0000236"], columns=["CL:0000236"]))
+    model = make_model(cell_type_categories=VALIDATION_TYPES)
+    with pytest.raises(ValueError, match=r"validation_cell_type_index_n: 7 \(cell 3"):
+        model.eval()
+        codes_n = torch.zeros(64, dtype=torch.long)
+        codes_n[3] = 7
+        model.validate(types.SimpleNamespace(current_epoch=0, global_rank=0), types.SimpleNamespace(log=lambda *a, **k: None),
+                       0, x_ng, GENES, batch_index_n, validation_cell_type_index_n=codes_n)
+
+
+def test_train_scvi_validation_split_and_cell_type_metrics(tmp_path: Path) -> None:
+    simulate_shards(str(tmp_path / "sim"), n_cells=1200, n_genes=80, n_shards=2, seed=2)
+    output = tmp_path / "out" / "scvi.ckpt"
+    run_cli("train-scvi", "--input", str(tmp_path / "sim" / "*.h5ad"), "--batch-key", "batch", "--max-epochs", "2",
+            "--batch-size", "128", "--n-hidden", "32", "--accelerator", "cpu", "--val-fraction", "0.25",
+            "--cell-type-key", "cell_type_ontology_term_id", "--val-reservoir-size", "100", "--output", str(output),
+            "--quiet")
+    table = pd.read_csv(str(output) + ".metrics.csv")
+    assert list(table["epoch"]) == [0, 1]
+    for column in ("val_loss", "val_cell_type_classifier_accuracy", "val_ontology_spearman"):
+        assert column in table.columns and np.isfinite(table[column]).all(), column
+    assert (table["val_cell_type_classifier_accuracy"] > 0.3).all()  # 6 simulated types; chance is below 0.35
+    assert table["val_ontology_spearman"].between(-1, 1).all()
+    # The recipe rebuilds a model without the validation settings, and it predicts.
+    module = CellariumModule.from_checkpoint(str(output))
+    assert module.model.cell_type_categories is None
+
+    from cellarium_steps.steps.train_scvi import HeldOutCells
+
+    names = np.array([f"cell{i}" for i in range(20000)], dtype=object)
+    mask = HeldOutCells(0.25, seed=0).mask(names)
+    assert abs(mask.mean() - 0.25) < 0.02
+    assert np.array_equal(mask, HeldOutCells(0.25, seed=0).mask(names.copy()))
+    assert not np.array_equal(mask, HeldOutCells(0.25, seed=1).mask(names))
+
+
+def test_train_scvi_validation_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    simulate_shards(str(tmp_path / "sim"), n_cells=40, n_genes=20, n_shards=1)
+    shard = str(tmp_path / "sim" / "shard_000.h5ad")
+    code = cli_main(["train-scvi", "--input", shard, "--cell-type-key", "cell_type_ontology_term_id",
+                     "--output", str(tmp_path / "m.ckpt"), "--accelerator", "cpu"])
+    assert code == 2 and "--val-fraction" in capsys.readouterr().err
+    code = cli_main(["train-scvi", "--input", shard, "--val-fraction", "1.5", "--output", str(tmp_path / "m.ckpt"),
+                     "--accelerator", "cpu"])
+    assert code == 2 and "--val-fraction" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train-scvi on two DDP processes, and input errors that name the cell and shard
+
+
+def knn_accuracy(checkpoint: Path, shards: str) -> float:
+    """15-NN cell type accuracy (5-fold) of the checkpoint's latent means on the labelled cells of ``shards``."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    module = CellariumModule.from_checkpoint(str(checkpoint))
+    categories = list(module.recipe["data"]["batch_categories"])
+    latents, labels = [], []
+    for path in sorted(Path(shards).parent.glob(Path(shards).name)):
+        adata = ad.read_h5ad(path)
+        batch = {"x_ng": torch.tensor(adata.X.toarray(), dtype=torch.float32).to_sparse_csr(),
+                 "var_names_g": adata.var_names.values,
+                 "batch_index_n": torch.tensor([categories.index(b) for b in adata.obs["batch"].astype(str)])}
+        with torch.no_grad():
+            latents.append(module.predict_step(batch, 0)["x_ng"].numpy())
+        labels.append(adata.obs["cell_type_ontology_term_id"].astype(str).to_numpy())
+    latent_nk, label_n = np.concatenate(latents), np.concatenate(labels)
+    keep = label_n != "unknown"
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    return float(cross_val_score(KNeighborsClassifier(n_neighbors=15), latent_nk[keep], label_n[keep], cv=folds).mean())
+
+
+@pytest.mark.slow
+def test_train_scvi_ddp_two_cpu_processes_gives_the_same_quality(tmp_path: Path) -> None:
+    simulate_shards(str(tmp_path / "sim"), n_cells=2400, n_genes=120, n_shards=2, seed=4)
+    shards = str(tmp_path / "sim" / "*.h5ad")
+    accuracy = {}
+    for devices in ("1", "2"):
+        output = tmp_path / f"devices{devices}" / "scvi.ckpt"
+        run_cli("train-scvi", "--input", shards, "--batch-key", "batch", "--max-epochs", "6", "--batch-size", "64",
+                "--n-hidden", "64", "--kl-warmup-steps", "60", "--accelerator", "cpu", "--devices", devices,
+                "--seed", "1", "--output", str(output), "--quiet")
+        checkpoint = torch.load(output, weights_only=True)
+        steps_per_epoch = -(-2400 // (64 * int(devices)))  # each rank takes an equal share of the batches
+        assert checkpoint["global_step"] == 6 * steps_per_epoch
+        accuracy[devices] = knn_accuracy(output, shards)
+    assert accuracy["1"] > 0.6  # 6 simulated types: the latent separates them
+    assert abs(accuracy["2"] - accuracy["1"]) < 0.05, accuracy
+
+
+def test_predict_names_the_cell_and_shard_of_a_batch_outside_the_trained_ones(tmp_path: Path) -> None:
+    simulate_shards(str(tmp_path / "sim"), n_cells=300, n_genes=40, n_shards=1, seed=5)
+    shard = tmp_path / "sim" / "shard_000.h5ad"
+    checkpoint = tmp_path / "scvi.ckpt"
+    run_cli("train-scvi", "--input", str(shard), "--batch-key", "batch", "--max-epochs", "1", "--batch-size", "128",
+            "--n-hidden", "16", "--accelerator", "cpu", "--output", str(checkpoint), "--quiet")
+    adata = ad.read_h5ad(shard)
+    batch = adata.obs["batch"].astype(str).to_numpy()
+    batch[123] = "a_new_batch"
+    adata.obs["batch"] = pd.Categorical(batch)
+    query = tmp_path / "query" / "shard_new.h5ad"
+    query.parent.mkdir()
+    adata.write_h5ad(query)
+    result = run_cli("predict", "--checkpoint", str(checkpoint), "--input", str(query), "--output",
+                     str(tmp_path / "cells.parquet"), "--accelerator", "cpu", "--quiet", check=False)
+    assert result.returncode == 2, result.stderr
+    assert str(query) in result.stderr and repr(adata.obs_names[123]) in result.stderr
+    assert not (tmp_path / "cells.parquet").exists()
+
+
+def test_train_scvi_names_the_shard_and_cell_of_non_integer_counts(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import scipy.sparse as sp
+
+    simulate_shards(str(tmp_path / "sim"), n_cells=200, n_genes=30, n_shards=2, seed=6)
+    second = tmp_path / "sim" / "shard_001.h5ad"
+    adata = ad.read_h5ad(second)
+    x = adata.X.astype(np.float32).toarray()
+    x[57, 3] = 2.5
+    adata.X = sp.csr_matrix(x)
+    adata.write_h5ad(second)
+    code = cli_main(["train-scvi", "--input", str(tmp_path / "sim" / "*.h5ad"), "--max-epochs", "1",
+                     "--batch-size", "64", "--n-hidden", "16", "--accelerator", "cpu",
+                     "--output", str(tmp_path / "m.ckpt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-integer" in err and str(second) in err and "row 57" in err
+    assert not (tmp_path / "m.ckpt").exists()

@@ -10,7 +10,7 @@ means and gradients (see ``tests/test_scvi.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -28,7 +28,7 @@ from cellarium_steps.models._scvi_layers import (
     build_layer,
     check_architecture_dict,
 )
-from cellarium_steps.models._tensors import densify
+from cellarium_steps.models._tensors import densify, nonzero_entries
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
 
 if TYPE_CHECKING:
@@ -95,6 +95,56 @@ def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps:
     )
 
 
+def log_nb_positive_sum(
+    row_e: torch.Tensor, col_e: torch.Tensor, x_e: torch.Tensor, mu_ng: torch.Tensor, theta: torch.Tensor,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Per-cell sum over genes of :func:`log_nb_positive`, given the counts as their non-zero entries.
+
+    The same expression, split by where it is non-zero: for ``x = 0`` only
+    ``theta * (log(theta + eps) - log(theta + mu + eps))`` remains (the lgamma terms cancel), so
+    that part is dense and everything with ``x`` (lgammas and logs) runs on the stored entries
+    only. ``theta`` is per gene (shape ``(g,)``) or per cell and gene (``(n, g)``).
+    """
+    n_cells, n_genes = mu_ng.shape
+    flat_e = row_e * n_genes + col_e
+    mu_e = mu_ng.reshape(-1).index_select(0, flat_e)
+    if theta.dim() == 1:
+        theta_eps_g = theta + eps
+        # sum_g theta_g log(theta_g + eps) is the same for every cell.
+        dense_n = (theta * torch.log(theta_eps_g)).sum() - torch.log(mu_ng + theta_eps_g) @ theta
+        theta_e = theta.index_select(0, col_e)
+        # Per entry, not lgamma(theta) per gene gathered: the gradient then differences digamma(x + theta)
+        # and digamma(theta) entry by entry, as the dense expression does, instead of two large sums.
+        lgamma_theta_e = torch.lgamma(theta_e)
+        log_theta_mu_eps_e = torch.log(mu_e + theta_eps_g.index_select(0, col_e))
+    else:
+        log_theta_mu_eps_ng = torch.log(theta + mu_ng + eps)
+        dense_n = (theta * (torch.log(theta + eps) - log_theta_mu_eps_ng)).sum(-1)
+        theta_e = theta.reshape(-1).index_select(0, flat_e)
+        lgamma_theta_e = torch.lgamma(theta_e)
+        log_theta_mu_eps_e = log_theta_mu_eps_ng.reshape(-1).index_select(0, flat_e)
+    sparse_e = (
+        x_e * (torch.log(mu_e + eps) - log_theta_mu_eps_e)
+        + torch.lgamma(x_e + theta_e)
+        - lgamma_theta_e
+        - torch.lgamma(x_e + 1)
+    )
+    return dense_n + torch.zeros(n_cells, dtype=sparse_e.dtype, device=sparse_e.device).index_add(0, row_e, sparse_e)
+
+
+def log_poisson_sum(
+    row_e: torch.Tensor, col_e: torch.Tensor, x_e: torch.Tensor, rate_ng: torch.Tensor
+) -> torch.Tensor:
+    """Per-cell sum over genes of ``Poisson(rate).log_prob(x)``, given the counts' non-zero entries."""
+    n_cells, n_genes = rate_ng.shape
+    rate_e = rate_ng.reshape(-1).index_select(0, row_e * n_genes + col_e)
+    sparse_e = x_e * torch.log(rate_e) - torch.lgamma(x_e + 1)
+    return -rate_ng.sum(-1) + torch.zeros(n_cells, dtype=sparse_e.dtype, device=sparse_e.device).index_add(
+        0, row_e, sparse_e
+    )
+
+
 class NegativeBinomial(Distribution):
     """Negative binomial with mean ``mu`` and inverse dispersion ``theta`` (scvi-tools' parametrisation)."""
 
@@ -102,6 +152,7 @@ class NegativeBinomial(Distribution):
     support = constraints.nonnegative_integer
 
     def __init__(self, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8, validate_args: bool = False) -> None:
+        self._theta_given = theta  # before broadcasting: per gene when the dispersion is
         self.mu, self.theta = broadcast_all(mu, theta)
         self.eps = eps
         super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
@@ -121,6 +172,13 @@ class NegativeBinomial(Distribution):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return log_nb_positive(value, self.mu, self.theta, self.eps)
+
+    def log_prob_sum(self, row_e: torch.Tensor, col_e: torch.Tensor, value_e: torch.Tensor) -> torch.Tensor:
+        """``log_prob(x).sum(-1)`` for a 2-d batch ``x`` given by its non-zero entries (see :func:`log_nb_positive_sum`)."""
+        theta = self._theta_given
+        if not (theta.dim() == 1 and theta.shape[0] == self.mu.shape[-1]):
+            theta = self.theta
+        return log_nb_positive_sum(row_e, col_e, value_e, self.mu, theta, self.eps)
 
 
 class SplineFlowPrior(nn.Module):
@@ -273,6 +331,206 @@ def _side(option: str, side: Literal["encoder", "decoder"], name: str) -> bool:
     return option in (side, "both")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Validation metrics: a reservoir-sampled logistic regression on the latent means, and the ontology Spearman
+
+#: the validation classifier: multinomial logistic regression on standardised latent means, fitted by L-BFGS.
+CLASSIFIER_MAX_ITER = 200
+CLASSIFIER_L2 = 1e-3
+
+
+class Reservoir:
+    """A uniform sample of at most ``size`` rows of a stream (Vitter's algorithm R, vectorised per batch).
+
+    After ``seen`` rows, every row seen so far is in the sample with probability ``size / seen``.
+    Rows of one batch that draw the same slot resolve as the sequential algorithm would: the later wins.
+    """
+
+    def __init__(self, size: int, n_features: int, generator: torch.Generator) -> None:
+        self.size = int(size)
+        self.z_rk = torch.zeros(self.size, n_features)
+        self.y_r = torch.zeros(self.size, dtype=torch.long)
+        self.seen = 0
+        self.generator = generator
+
+    @property
+    def fill(self) -> int:
+        return min(self.seen, self.size)
+
+    def add(self, z_nk: torch.Tensor, y_n: torch.Tensor) -> None:
+        n = z_nk.shape[0]
+        if n == 0:
+            return
+        z_nk, y_n = z_nk.detach().float().cpu(), y_n.detach().long().cpu()
+        t_n = torch.arange(self.seen, self.seen + n)  # each row's 0-based position in the stream
+        slot_n = t_n.clone()
+        late_n = t_n >= self.size
+        if bool(late_n.any()):
+            # Row t replaces a uniform slot of [0, t] when that slot is inside the reservoir.
+            u_n = torch.rand(int(late_n.sum()), generator=self.generator, dtype=torch.float64)
+            slot_n[late_n] = torch.floor(u_n * (t_n[late_n] + 1).double()).long()
+        kept = torch.nonzero(slot_n < self.size).flatten()
+        if kept.numel():
+            # The last row per slot wins, as in the sequential algorithm.
+            slots = slot_n[kept].numpy()
+            _, last_from_end = np.unique(slots[::-1], return_index=True)
+            rows = torch.from_numpy(kept.numpy()[::-1][last_from_end].copy())
+            self.z_rk[slot_n[rows]] = z_nk[rows]
+            self.y_r[slot_n[rows]] = y_n[rows]
+        self.seen += n
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.z_rk[: self.fill], self.y_r[: self.fill]
+
+
+class _ValidationState:
+    """What one validation epoch accumulates: the two reservoirs and per-type latent sums."""
+
+    def __init__(self, n_types: int, n_latent: int, reservoir_size: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.train = Reservoir(reservoir_size, n_latent, generator)
+        self.test = Reservoir(reservoir_size, n_latent, generator)
+        self.z_sum_ck = torch.zeros(n_types, n_latent, dtype=torch.float64)
+        self.count_c = torch.zeros(n_types, dtype=torch.float64)
+
+
+def fit_logistic_regression(
+    z_nk: torch.Tensor, y_n: torch.Tensor, n_classes: int, max_iter: int = CLASSIFIER_MAX_ITER,
+    l2: float = CLASSIFIER_L2,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression, returning a function from latents to class probabilities.
+
+    Features are standardised with the training rows' mean and standard deviation; the weights
+    (not the biases) get an L2 penalty ``l2 * ||W||^2 / 2``; L-BFGS with a strong-Wolfe line search
+    minimises the mean cross-entropy. Deterministic (zero start). Classes absent from ``y_n`` get
+    probability ~0.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        z_nk = z_nk.detach().double().clone()
+        y_n = y_n.detach().long().clone()
+        mean_k = z_nk.mean(0)
+        std_k = z_nk.std(0, unbiased=False).clamp_min(1e-6)
+        x_nk = (z_nk - mean_k) / std_k
+        weight_kc = torch.zeros(x_nk.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+        bias_c = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        absent_c = torch.bincount(y_n, minlength=n_classes) == 0
+        optimizer = torch.optim.LBFGS([weight_kc, bias_c], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                      tolerance_grad=1e-7, tolerance_change=1e-10)
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            logits_nc = (x_nk @ weight_kc + bias_c).masked_fill(absent_c, -1e4)
+            loss = nn.functional.cross_entropy(logits_nc, y_n) + 0.5 * l2 * weight_kc.pow(2).sum()
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    weight_kc, bias_c = weight_kc.detach(), bias_c.detach()
+
+    def predict_proba(z_mk: torch.Tensor) -> torch.Tensor:
+        logits_mc = ((z_mk.double() - mean_k) / std_k) @ weight_kc + bias_c
+        return torch.softmax(logits_mc.masked_fill(absent_c, -1e4), dim=-1)
+
+    return predict_proba
+
+
+def _average_ranks(values_m: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..m-1, ties sharing their average rank (as scipy.stats.rankdata - 1)."""
+    order = torch.argsort(values_m, stable=True)
+    sorted_m = values_m[order]
+    ranks_m = torch.empty_like(values_m, dtype=torch.float64)
+    m = values_m.numel()
+    start = 0
+    while start < m:
+        end = start + 1
+        while end < m and sorted_m[end] == sorted_m[start]:
+            end += 1
+        ranks_m[order[start:end]] = (start + end - 1) / 2.0
+        start = end
+    return ranks_m
+
+
+def spearman_correlation(a_m: torch.Tensor, b_m: torch.Tensor) -> float:
+    """Spearman's rho (Pearson correlation of average ranks); NaN when either side is constant."""
+    ra_m, rb_m = _average_ranks(a_m.double()), _average_ranks(b_m.double())
+    ra_m, rb_m = ra_m - ra_m.mean(), rb_m - rb_m.mean()
+    denominator = float(ra_m.norm() * rb_m.norm())
+    return float((ra_m * rb_m).sum()) / denominator if denominator > 0 else math.nan
+
+
+def ontology_spearman(z_sum_ck: torch.Tensor, count_c: torch.Tensor, distance_cc: torch.Tensor) -> float:
+    """Frequency-weighted Spearman correlation between latent and ontology distances of the cell types.
+
+    Each cell type present (``count_c > 0``) has a latent centroid. For each such type ``c``, rho_c is
+    Spearman's correlation, over the other present types ``d`` with a finite ontology distance, between
+    the centroid distance ``|mu_c - mu_d|`` and the ontology distance ``D[c, d]``: 1 when the latent
+    space orders the other types as the ontology does, as seen from ``c``. The result is the mean of
+    rho_c weighted by ``count_c``, over the types where rho_c is defined (at least two others, neither
+    side constant); NaN when none is.
+    """
+    present = torch.nonzero(count_c > 0).flatten()
+    if present.numel() < 3:
+        return math.nan
+    centroid_pk = (z_sum_ck[present] / count_c[present, None]).double()
+    latent_pp = torch.cdist(centroid_pk, centroid_pk)
+    ontology_pp = distance_cc[present][:, present].double().cpu()
+    total, weight = 0.0, 0.0
+    for i in range(present.numel()):
+        others = torch.ones(present.numel(), dtype=torch.bool)
+        others[i] = False
+        others &= torch.isfinite(ontology_pp[i])
+        if int(others.sum()) < 2:
+            continue
+        rho = spearman_correlation(latent_pp[i, others], ontology_pp[i, others])
+        if math.isnan(rho):
+            continue
+        w = float(count_c[present[i]])
+        total += w * rho
+        weight += w
+    return total / weight if weight > 0 else math.nan
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must live for the process group's collectives (CUDA for nccl)."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _gather_rows(z_rk: torch.Tensor, y_r: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's reservoir rows, concatenated in rank order (padded to ``size`` for the collective)."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+    device = _collective_device()
+    fill = torch.tensor([z_rk.shape[0]], device=device)
+    padded_z = torch.zeros(size, z_rk.shape[1], device=device)
+    padded_z[: z_rk.shape[0]] = z_rk.to(device)
+    padded_y = torch.zeros(size, dtype=torch.long, device=device)
+    padded_y[: y_r.shape[0]] = y_r.to(device)
+    fills = [torch.zeros_like(fill) for _ in range(world_size)]
+    zs = [torch.zeros_like(padded_z) for _ in range(world_size)]
+    ys = [torch.zeros_like(padded_y) for _ in range(world_size)]
+    dist.all_gather(fills, fill)
+    dist.all_gather(zs, padded_z)
+    dist.all_gather(ys, padded_y)
+    n = [int(f) for f in fills]
+    return (torch.cat([z[:m] for z, m in zip(zs, n)]).cpu(), torch.cat([y[:m] for y, m in zip(ys, n)]).cpu())
+
+
+def _ordered_distance_matrix(matrix: pd.DataFrame, categories: Sequence[str]) -> torch.Tensor:
+    """``matrix`` restricted and reordered to ``categories`` on both axes, as a float64 tensor."""
+    import pandas as pd
+
+    if not isinstance(matrix, pd.DataFrame):
+        raise TypeError("ontology_distance_matrix must be a pandas DataFrame indexed by cell type ids on both axes")
+    missing = [c for c in categories if c not in matrix.index or c not in matrix.columns]
+    if missing:
+        raise ValueError(f"ontology_distance_matrix has no row or column for {missing[:5]}")
+    values = matrix.loc[list(categories), list(categories)].to_numpy(dtype=np.float64)
+    return torch.from_numpy(values.copy())
+
+
 class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin):
     """Flexible single-cell variational inference (scVI) [1], streaming-friendly.
 
@@ -344,9 +602,15 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         use_flow: Replace the N(0, I) prior by a :class:`SplineFlowPrior`, trained jointly; the KL
             is then the one-sample Monte Carlo estimate ``log q(z|x) - log p_flow(z)``.
         flow_hidden_features: Hidden widths of the flow's coupling networks.
-        cell_type_categories: Validation metrics (not implemented): must be None.
-        ontology_distance_matrix: Validation metrics (not implemented): must be None.
-        val_cell_type_classifier_reservoir_size: Validation metrics (not implemented): must stay 50000.
+        cell_type_categories: Ordered cell type ids (e.g. CL ids); ``validation_cell_type_index_n``
+            codes index this list (-1: unlabelled). Enables the validation cell type classifier
+            (``val_cell_type_classifier_accuracy``); see :meth:`validate`.
+        ontology_distance_matrix: Square DataFrame of distances between cell types (CL ids on both
+            axes, e.g. :func:`cellarium_steps.ontology.compute_cl_distance_matrix`), sliced and
+            reordered here to ``cell_type_categories``. Enables ``val_ontology_spearman``. Kept as
+            a non-persistent buffer: not saved to checkpoints.
+        val_cell_type_classifier_reservoir_size: Most cells kept per split (train: even validation
+            batches, test: odd ones) for the classifier, by reservoir sampling.
     """
 
     def __init__(
@@ -390,13 +654,12 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         val_cell_type_classifier_reservoir_size: int = 50000,
     ) -> None:
         super().__init__()
-        if cell_type_categories is not None or ontology_distance_matrix is not None:
-            raise NotImplementedError(
-                "validation metrics (cell type classifier, ontology Spearman) are not implemented: "
-                "leave cell_type_categories and ontology_distance_matrix as None"
+        if ontology_distance_matrix is not None and cell_type_categories is None:
+            raise ValueError("ontology_distance_matrix needs cell_type_categories (the order of its rows)")
+        if int(val_cell_type_classifier_reservoir_size) < 1:
+            raise ValueError(
+                f"val_cell_type_classifier_reservoir_size must be positive, got {val_cell_type_classifier_reservoir_size}"
             )
-        if val_cell_type_classifier_reservoir_size != 50000:
-            raise NotImplementedError("val_cell_type_classifier_reservoir_size: validation metrics are not implemented")
         if gene_likelihood == "zinb":
             raise NotImplementedError("gene_likelihood='zinb' is not implemented; use 'nb' or 'poisson'")
         if gene_likelihood not in ("nb", "poisson"):
@@ -571,7 +834,21 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             "reconstruction_transform_categorical_covariates": reconstruction_transform_categorical_covariates,
             "use_flow": bool(use_flow),
             "flow_hidden_features": list(flow_hidden_features),
+            "cell_type_categories": None if cell_type_categories is None else [str(c) for c in cell_type_categories],
+            "val_cell_type_classifier_reservoir_size": int(val_cell_type_classifier_reservoir_size),
         }
+        # Validation metrics: configuration and per-epoch state, none of it in the state dict.
+        self.cell_type_categories = self.hyper_parameters["cell_type_categories"]
+        self.val_cell_type_classifier_reservoir_size = int(val_cell_type_classifier_reservoir_size)
+        self.ontology_distance_cc: torch.Tensor | None
+        self.register_buffer(
+            "ontology_distance_cc",
+            None if ontology_distance_matrix is None
+            else _ordered_distance_matrix(ontology_distance_matrix, self.cell_type_categories),
+            persistent=False,
+        )
+        self._val_state: _ValidationState | None = None
+        self._var_names_checked: Any = None
         # The warm-up position, synchronised from the trainer by the hooks below.
         self.current_epoch = 0
         self.global_step = 0
@@ -822,7 +1099,10 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         continuous_covariates_nc: torch.Tensor | None,
         categorical_covariate_index_nd: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        check_var_names(self.var_names_g, var_names_g)
+        if var_names_g is not self._var_names_checked:
+            # Transforms hand on the same gene array every batch: compare the strings once per array.
+            check_var_names(self.var_names_g, var_names_g)
+            self._var_names_checked = var_names_g
         x_ng = densify(x_ng).float()
         n_cells = x_ng.shape[0]
         batch_index_n = self._check_batch_index(batch_index_n, n_cells, x_ng.device)
@@ -854,9 +1134,12 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             ``reconstruction_loss``, ``kl_divergence_z``, ``kl_divergence_batch``: per cell, shape (n,);
             ``z_nk``: the latent sample the reconstruction used.
         """
+        # The counts' stored entries, for the likelihood (every term with x is zero elsewhere).
+        row_e, col_e, x_e = nonzero_entries(x_ng)
         x_ng, batch_index_n, continuous_nc, categorical_index_nd = self._prepare(
             x_ng, var_names_g, batch_index_n, continuous_covariates_nc, categorical_covariate_index_nd
         )
+        row_e, col_e, x_e = row_e.long(), col_e.long(), x_e.to(x_ng.dtype)
         z_kl_weight, batch_kl_weight = self.z_kl_weight, self.batch_kl_weight
         if self.training and torch.is_grad_enabled():
             # One forward per optimizer step; the epoch hook resets this from the trainer.
@@ -870,10 +1153,17 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
                 raise ValueError("use_size_factor_key=True needs total_mrna_umis_n")
             library_size_n1 = torch.log(torch.as_tensor(total_mrna_umis_n, device=x_ng.device).float().reshape(-1, 1))
         z_nk = inference_outputs["z_nk"]
+        self._last_qz_loc_nk = inference_outputs["qz"].loc.detach()  # validate() reads the latent means here
         generative_outputs = self.generative(
             z_nk, library_size_n1, batch_nb, continuous_nc, categorical_np, batch_index_n=batch_index_n
         )
-        reconstruction_loss_n = -generative_outputs["px"].log_prob(x_ng).sum(-1)
+        px = generative_outputs["px"]
+        if isinstance(px, NegativeBinomial):
+            reconstruction_loss_n = -px.log_prob_sum(row_e, col_e, x_e)
+        elif isinstance(px, Poisson):
+            reconstruction_loss_n = -log_poisson_sum(row_e, col_e, x_e, px.rate)
+        else:
+            reconstruction_loss_n = -px.log_prob(x_ng).sum(-1)
         kl_divergence_z_n = self._kl_divergence_z(inference_outputs["qz"], generative_outputs["pz"], z_nk)
         kl_divergence_batch_n = torch.zeros_like(kl_divergence_z_n)
         if self.batch_representation_sampled:
@@ -901,8 +1191,21 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         continuous_covariates_nc: torch.Tensor | None = None,
         categorical_covariate_index_nd: torch.Tensor | None = None,
         total_mrna_umis_n: torch.Tensor | None = None,
+        validation_cell_type_index_n: torch.Tensor | None = None,
     ) -> None:
-        """Log the validation loss and its terms (the classifier and ontology metrics are not implemented)."""
+        """Log the validation loss and its terms; feed the cell type metrics when labels are given.
+
+        ``validation_cell_type_index_n``: each cell's index into ``cell_type_categories``, -1 for an
+        unlabelled cell. With ``cell_type_categories`` set, the latent means of the labelled cells
+        of even-numbered validation batches go to the classifier's training reservoir, those of
+        odd-numbered batches to its test reservoir (each at most
+        ``val_cell_type_classifier_reservoir_size`` cells, uniformly sampled), and every labelled
+        cell adds to its type's latent centroid. At the end of the epoch (``on_validation_epoch_end``,
+        after gathering the ranks' reservoirs and sums) a logistic regression is fitted on the
+        training reservoir and ``val_cell_type_classifier_accuracy`` is its accuracy on the test
+        reservoir; with an ``ontology_distance_matrix``, ``val_ontology_spearman`` is
+        :func:`ontology_spearman` of the centroids.
+        """
         output = self(x_ng, var_names_g, batch_index_n, continuous_covariates_nc, categorical_covariate_index_nd,
                       total_mrna_umis_n)
         n_cells = x_ng.shape[0]
@@ -911,6 +1214,84 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
                       on_epoch=True, batch_size=n_cells)
         pl_module.log("val_kl_divergence_z", output["kl_divergence_z"].mean(), sync_dist=True, on_epoch=True,
                       batch_size=n_cells)
+        if self.cell_type_categories is None or validation_cell_type_index_n is None:
+            return
+        codes_n = torch.as_tensor(validation_cell_type_index_n).reshape(-1).long().cpu()
+        n_types = len(self.cell_type_categories)
+        bad_n = (codes_n < -1) | (codes_n >= n_types)
+        if bool(bad_n.any()):
+            i = int(torch.nonzero(bad_n)[0, 0])
+            raise ValueError(
+                f"validation_cell_type_index_n: {int(codes_n[i])} (cell {i} of the minibatch) is outside "
+                f"[-1, {n_types}) for {n_types} cell_type_categories"
+            )
+        state = self._validation_state(trainer)
+        labelled_n = codes_n >= 0
+        z_mk = self._last_qz_loc_nk.detach().float().cpu()[labelled_n]
+        y_m = codes_n[labelled_n]
+        (state.train if batch_idx % 2 == 0 else state.test).add(z_mk, y_m)
+        state.z_sum_ck.index_add_(0, y_m, z_mk.double())
+        state.count_c.index_add_(0, y_m, torch.ones(y_m.shape[0], dtype=torch.float64))
+
+    def _validation_state(self, trainer: pl.Trainer | None) -> _ValidationState:
+        if self._val_state is None:
+            assert self.cell_type_categories is not None
+            epoch = int(getattr(trainer, "current_epoch", 0) or 0)
+            rank = int(getattr(trainer, "global_rank", 0) or 0)
+            self._val_state = _ValidationState(
+                len(self.cell_type_categories), self.n_latent, self.val_cell_type_classifier_reservoir_size,
+                seed=(epoch * 1009 + rank) * 7919 + 17,
+            )
+        return self._val_state
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer) -> None:
+        self._val_state = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer) -> None:
+        """Fit and score the cell type classifier, compute the ontology Spearman, and log both."""
+        state, self._val_state = self._val_state, None
+        if self.cell_type_categories is None:
+            return
+        metrics = self.validation_cell_type_metrics(state, trainer)
+        pl_module = getattr(trainer, "lightning_module", None)
+        if pl_module is None:
+            return
+        for name, value in metrics.items():
+            if not math.isnan(value):
+                pl_module.log(name, value, sync_dist=True, on_epoch=True)
+
+    def validation_cell_type_metrics(
+        self, state: _ValidationState | None, trainer: pl.Trainer | None = None
+    ) -> dict[str, float]:
+        """``val_cell_type_classifier_accuracy`` and ``val_ontology_spearman`` of an epoch's state (NaN if undefined).
+
+        Under DDP the ranks' reservoirs and centroid sums are gathered first, so every rank
+        fits the same classifier on the union of the reservoirs and gets the same numbers.
+        """
+        assert self.cell_type_categories is not None
+        n_types, k = len(self.cell_type_categories), self.n_latent
+        if state is None:  # no labelled validation cell here; the collectives below still need this rank
+            state = _ValidationState(n_types, k, self.val_cell_type_classifier_reservoir_size, seed=0)
+        train_z, train_y = state.train.rows()
+        test_z, test_y = state.test.rows()
+        z_sum_ck, count_c = state.z_sum_ck, state.count_c
+        world_size = int(getattr(trainer, "world_size", 1) or 1)
+        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            train_z, train_y = _gather_rows(train_z, train_y, state.train.size)
+            test_z, test_y = _gather_rows(test_z, test_y, state.test.size)
+            device = _collective_device()
+            z_sum_ck, count_c = z_sum_ck.to(device), count_c.to(device)
+            for t in (z_sum_ck, count_c):
+                torch.distributed.all_reduce(t)
+            z_sum_ck, count_c = z_sum_ck.cpu(), count_c.cpu()
+        metrics = {"val_cell_type_classifier_accuracy": math.nan, "val_ontology_spearman": math.nan}
+        if train_y.numel() and test_y.numel() and int(torch.unique(train_y).numel()) >= 2:
+            predict_proba = fit_logistic_regression(train_z, train_y, n_types)
+            accuracy = (predict_proba(test_z).argmax(-1) == test_y).double().mean()
+            metrics["val_cell_type_classifier_accuracy"] = float(accuracy)
+        if self.ontology_distance_cc is not None:
+            metrics["val_ontology_spearman"] = ontology_spearman(z_sum_ck, count_c, self.ontology_distance_cc)
+        return metrics
 
     @torch.no_grad()
     def predict(

@@ -121,7 +121,13 @@ class CellariumModule(pl.LightningModule):
         if self.seed is not None:
             # Each step's random draws (dropout, sampling) depend on seed, step and rank only, so a run
             # resumed from a checkpoint continues exactly as the uninterrupted run would have.
-            torch.manual_seed((self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank)
+            step_seed = (self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+            # What torch.manual_seed does for the generators in use: on CPU it would also queue a lazy
+            # seeding of every uninitialised accelerator backend, formatting a stack trace each time
+            # (~5 ms per step on CPU).
+            torch.random.default_generator.manual_seed(step_seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(step_seed)
         self._model_hook("on_train_batch_start")
 
     def on_train_epoch_end(self) -> None:
