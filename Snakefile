@@ -11,6 +11,10 @@ configfile: "config.yaml"
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
+# `snakemake --report report.html` (after a run): this page, the plots of rule report_plots, runtimes.
+report: "workflow/report/workflow.rst"
+
+
 # Used only when a profile asks for containers (software-deployment-method: apptainer).
 container: config["container"]
 
@@ -20,15 +24,27 @@ include: "workflow/rules/simulate.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/embedding.smk"
 include: "workflow/rules/scvi.smk"
+include: "workflow/rules/celltype.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/report.smk"
+include: "workflow/rules/transformers.smk"
 
 
+# Every product is listed (not only the export and the plots, which depend on the rest), so that
+# deleting any one intermediate output reruns its job and what depends on it.
 rule all:
     default_target: True
     input:
         rules.mean_var.output,
         rules.tdigest.output,
+        rules.hvg.output,
         rules.pca.output,
+        rules.train_scvi.output,
         rules.predict_scvi.output,
+        rules.train_socam.output if SOCAM else [],
+        rules.predict_socam.output if SOCAM else [],
+        rules.export.output,
+        rules.report_plots.output,
 
 
 rule statistics:
@@ -46,3 +62,20 @@ rule embedding:
 rule scvi:
     input:
         rules.predict_scvi.output,
+
+
+rule celltype:
+    input:
+        rules.predict_socam.output,
+
+
+# Optional, not in `all`: a Geneformer trained on the shards.
+rule geneformer:
+    input:
+        rules.train_geneformer.output,
+
+
+# Optional, not in `all`: a CellariumGPT trained on the shards (HVG genes as its vocabulary).
+rule gpt:
+    input:
+        rules.train_gpt.output,

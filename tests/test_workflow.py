@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
 import yaml
-
 from conftest import REPO
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
@@ -20,8 +24,17 @@ TINY = {
     "hvg": {"n_top_genes": 100},
     "pca": {"n_components": 8},
     "train_scvi": {"max_epochs": 2, "n_latent": 6, "n_hidden": 32, "batch_size": 256},
+    "train_socam": {"max_epochs": 2, "batch_size": 256},
+    "export": {"row_group_size": 250},
+    "report": {"sample_size": 500},
     "accelerator": "cpu",
 }
+#: every job of the default target, in the order the chain runs them
+JOBS = ("simulate", "mean_var", "tdigest", "hvg", "pca", "train_scvi", "predict_scvi", "train_socam", "predict_socam",
+        "export", "report_plots")
+REPORT_PLOTS = ("hvg_mean_variance.png", "pca_variance.png", "scvi_loss.png", "latent_by_batch.png",
+                "latent_by_cell_type.png", "cell_type_composition.png")
+STRING_PARTITIONS = ds.partitioning(pa.schema([("dataset", pa.string()), ("batch", pa.string())]), flavor="hive")
 
 
 def snakemake(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -38,10 +51,18 @@ def test_lint_and_format_are_clean() -> None:
     subprocess.run([SNAKEFMT, "--check", "Snakefile", "workflow"], cwd=REPO, check=True, capture_output=True)
 
 
-def test_default_config_plans_the_whole_chain() -> None:
-    output = snakemake("-n", "--cores", "2").stdout
-    for job in ("simulate", "mean_var", "tdigest", "hvg", "pca", "train_scvi", "predict_scvi"):
+def test_default_config_plans_the_whole_chain(tmp_path: Path) -> None:
+    output = snakemake("-n", "--cores", "2", "--config", f"results={tmp_path}/results").stdout
+    for job in JOBS:
         assert f"rule {job}:" in output
+    assert re.search(rf"^total\s+{len(JOBS) + 1}$", output, re.MULTILINE)  # + the `all` target
+
+
+def test_without_cell_type_key_socam_is_left_out(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "cell_type_key": None}))
+    output = snakemake("-n", "--cores", "2", "--configfile", str(config)).stdout
+    assert "rule export:" in output and "rule train_socam:" not in output and "rule predict_socam:" not in output
 
 
 def test_wrong_config_key_fails_before_any_job(tmp_path: Path) -> None:
@@ -63,13 +84,87 @@ def test_end_to_end_on_demo_data(tmp_path: Path) -> None:
         f"select count(*), count(distinct cell_id) from '{results}/pca/cells.parquet/*.parquet'"
     ).fetchall()
     assert count == distinct == 1200
-    assert len(list((results / "logs").glob("*.log"))) >= 7
-    assert len(list((results / "benchmarks").glob("*.tsv"))) >= 7
+    assert len(list((results / "logs").glob("*.log"))) >= len(JOBS)
+    assert len(list((results / "benchmarks").glob("*.tsv"))) >= len(JOBS)
+
+    check_export(results, n_cells=1200)
+    check_socam_columns(ds.dataset(results / "export" / "cells.parquet", partitioning=STRING_PARTITIONS).to_table(),
+                        classes=pd.read_csv(results / "socam" / "socam.ckpt.classes.csv")["cl_name"].tolist())
+    genes = pd.read_parquet(results / "export" / "genes.parquet")
+    assert len(genes) == 300 and genes["highly_variable"].sum() == 100
+    assert {"gene", "mean", "var", "means", "variances_norm", "highly_variable"} <= set(genes.columns)
+    metrics = pd.read_csv(results / "scvi" / "scvi.ckpt.metrics.csv")  # config.yaml's val_fraction holds cells out
+    assert metrics["epoch"].tolist() == [0, 1] and metrics[["train_loss", "val_loss"]].notna().all().all()
+
+    report = tmp_path / "report.html"
+    snakemake("--report", str(report), "--configfile", str(config))
+    html = report.read_text()
+    for plot in REPORT_PLOTS:
+        assert (results / "report" / plot).stat().st_size > 5000
+        assert plot in html
 
     assert "Nothing to be done" in snakemake("-n", "--cores", "2", "--configfile", str(config)).stdout
     (results / "pca" / "pca_variance.csv").unlink()
     plan = snakemake("-n", "--cores", "2", "--configfile", str(config)).stdout
     assert "rule pca:" in plan and "rule train_scvi:" not in plan and "rule mean_var:" not in plan
+    assert "rule export:" in plan and "rule report_plots:" in plan and "rule train_socam:" not in plan
+
+
+def check_export(results: Path, n_cells: int) -> None:
+    """The export read as a dashboard would: pyarrow (Hive partitions) and DuckDB."""
+    path = results / "export" / "cells.parquet"
+    table = ds.dataset(path, format="parquet", partitioning=STRING_PARTITIONS).to_table()
+    assert table.num_rows == n_cells and pc.count_distinct(table["cell_id"]).as_py() == n_cells
+    assert table.schema.field("pca").type == pa.list_(pa.float32(), TINY["pca"]["n_components"])
+    assert table.schema.field("scvi_latent").type == pa.list_(pa.float32(), TINY["train_scvi"]["n_latent"])
+    assert set(table["dataset"].to_pylist()) == {"results"} and table["batch"].null_count == 0
+    # the same cells as the shards, with their batch
+    shards = ds.dataset(results / "scvi" / "cells.parquet").to_table()
+    assert set(table["cell_id"].to_pylist()) == set(shards["cell_id"].to_pylist())
+
+    parquet = f"read_parquet('{path}/**/*.parquet', hive_partitioning=true)"
+    ((count, distinct, batches, low, high, width),) = duckdb.sql(
+        f"select count(*), count(distinct cell_id), count(distinct batch), min(cell_type_probability), "
+        f"max(cell_type_probability), max(len(scvi_latent)) from {parquet}"
+    ).fetchall()
+    assert (count, distinct, batches, width) == (n_cells, n_cells, TINY["simulate"]["n_batches"], 6)
+    assert 0.0 <= low <= high <= 1.0
+    ((unsorted,),) = duckdb.sql(
+        f"select count(*) from {parquet} where cell_type_top_k_probability[1] < cell_type_top_k_probability[2]"
+        " or cell_type_top_k_probability[2] < cell_type_top_k_probability[3]"
+    ).fetchall()
+    assert unsorted == 0
+
+
+def check_socam_columns(table: pa.Table, classes: list[str]) -> None:
+    """Probabilities in [0, 1] and consistent with the Cell Ontology."""
+    from cellarium_steps.ontology import descendant_tensor, term_labels, validate_cl_names
+
+    terms = table["cell_type_ontology_term_id"].to_pylist()
+    validate_cl_names(set(terms))
+    labels = dict(zip(classes, term_labels(classes)))
+    assert table["cell_type"].to_pylist() == [labels[t] for t in terms]
+    p_n = table["cell_type_probability"].to_numpy()
+    top_nk = table["cell_type_top_k_probability"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+    assert ((p_n >= 0) & (p_n <= 1)).all() and ((top_nk >= 0) & (top_nk <= 1)).all()
+    assert (np.diff(top_nk, axis=1) <= 1e-7).all()  # top-k best first
+    top_terms = table["cell_type_top_k_ontology_term_id"].to_pylist()
+    assert all(set(t) <= set(classes) and len(set(t)) == len(t) for t in top_terms)
+    # the call is the most specific term that is more likely than not, else the most probable one
+    assert ((p_n >= 0.5 - 1e-6) | np.isclose(p_n, top_nk[:, 0])).all()
+    # propagated probabilities: a parent is never less likely than its child
+    is_descendant_cc = descendant_tensor(classes).numpy().astype(bool)  # [i, j]: j is i or below it
+    position = {c: i for i, c in enumerate(classes)}
+    for names, probs in zip(top_terms, top_nk):
+        for a, pa_ in zip(names, probs):
+            for b, pb in zip(names, probs):
+                if a != b and is_descendant_cc[position[a], position[b]]:
+                    assert pa_ >= pb - 1e-6
+    if "cell_type_probs" in table.schema.names:
+        probs_nc = table["cell_type_probs"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        parent, child = np.nonzero(is_descendant_cc & ~np.eye(len(classes), dtype=bool))
+        assert (probs_nc[:, parent] >= probs_nc[:, child] - 1e-6).all()
+        np.testing.assert_allclose(probs_nc[np.arange(table.num_rows), [position[t] for t in terms]], p_n, atol=1e-6)
 
 
 def test_pbmc_example_config_plans_the_chain_on_real_data() -> None:
@@ -78,5 +173,5 @@ def test_pbmc_example_config_plans_the_chain_on_real_data() -> None:
     require(PBMC_MULTIBATCH)
     output = snakemake("-n", "--cores", "2", "--configfile", "docs/example_pbmc_config.yaml").stdout
     assert "rule simulate:" not in output
-    for job in ("mean_var", "tdigest", "hvg", "pca", "train_scvi", "predict_scvi"):
+    for job in JOBS[1:]:
         assert f"rule {job}:" in output

@@ -26,6 +26,8 @@ STEP_MODULES: dict[str, str] = {
     "train-geneformer": "cellarium_steps.steps.train_geneformer",
     "train-gpt": "cellarium_steps.steps.train_gpt",
     "predict": "cellarium_steps.steps.predict",
+    "export": "cellarium_steps.steps.export",
+    "report": "cellarium_steps.steps.report_plots",
 }
 
 

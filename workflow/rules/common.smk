@@ -1,5 +1,6 @@
 # Config helpers and input functions: no science here, only wiring.
 import glob
+import os
 import shlex
 
 RESULTS = config["results"]
@@ -33,10 +34,12 @@ def shard_args(wildcards, input):
     return shlex.quote(f"{DEMO_SHARDS}/*.h5ad")
 
 
-def step_options(step):
+def step_options(step, exclude=()):
     """A step's config section as long options, e.g. {batch_size: 10} -> --batch-size 10."""
     options = []
     for key, value in (config.get(step) or {}).items():
+        if key in exclude or value is None:
+            continue
         flag = f"--{key.replace('_', '-')}"
         if isinstance(value, bool):
             options += [flag] if value else []
@@ -62,3 +65,22 @@ def common_options():
 def batch_key_option():
     key = config.get("batch_key")
     return f"--batch-key {shlex.quote(key)}" if key else ""
+
+
+# SOCAM (train_socam, predict_socam) runs when the shards have cell type labels.
+SOCAM = bool(config.get("cell_type_key"))
+
+
+def cell_type_key_option():
+    key = config.get("cell_type_key")
+    return f"--cell-type-key {shlex.quote(key)}" if key else ""
+
+
+def export_dataset():
+    """The export's `dataset` partition: config export.dataset, else the results directory's name."""
+    name = (config.get("export") or {}).get("dataset")
+    return (
+        name
+        or os.path.basename(os.path.normpath(os.path.abspath(RESULTS)))
+        or "default"
+    )

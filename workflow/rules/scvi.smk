@@ -4,6 +4,7 @@ rule train_scvi:
         genes=rules.hvg.output.csv,
     output:
         checkpoint=f"{RESULTS}/scvi/scvi.ckpt",
+        metrics=f"{RESULTS}/scvi/scvi.ckpt.metrics.csv",
     log:
         f"{RESULTS}/logs/train_scvi.log",
     benchmark:

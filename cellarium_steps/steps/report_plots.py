@@ -1,0 +1,348 @@
+"""cellarium-steps report: the plots a user looks at first, as PNGs for `snakemake --report`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from cellarium_steps.atomic import atomic_path
+from cellarium_steps.data.errors import InputError
+from cellarium_steps.steps.common import provenance_json
+
+logger = logging.getLogger("cellarium_steps")
+
+NAME = "report"
+HELP = "plot the run's first-look figures (HVG, PCA variance, scVI loss, latent, cell types per batch) as PNGs"
+REQUIRED = ("output",)
+PLOTS = {
+    "hvg_mean_variance.png": "--hvg",
+    "pca_variance.png": "--pca-variance",
+    "scvi_loss.png": "--scvi-metrics",
+    "latent_by_batch.png": "--cells",
+    "latent_by_cell_type.png": "--cells",
+    "cell_type_composition.png": "--cells",
+}
+EPILOG = f"""outputs (in the --output directory; a plot whose input is not given says so in the image):
+{chr(10).join(f"  {name:28s} from {flag}" for name, flag in PLOTS.items())}
+  provenance.json              the run's config and versions
+
+per-cell data:
+  the export (--cells) is streamed once: the cell-type counts per batch are exact over every cell; the
+  2-D views use a uniform sample of at most --sample-size cells (a reservoir, seeded by --seed), so
+  memory does not grow with the number of cells. The 2-D view is the first two principal components
+  of the scVI latent (--layout pca) or a UMAP of the sample (--layout umap, needs umap-learn).
+
+example:
+  cellarium-steps report --hvg out/hvg.csv --pca-variance out/pca_variance.csv \\
+      --scvi-metrics out/scvi.ckpt.metrics.csv --cells out/export/cells.parquet --output out/report"""
+
+MAX_LEGEND = 12
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", metavar="DIR", help="directory for the PNGs (required)")
+    parser.add_argument("--hvg", metavar="CSV", help="hvg's table (gene, means, variances, variances_norm, highly_variable)")
+    parser.add_argument("--pca-variance", metavar="CSV", help="pca's <stem>_variance.csv")
+    parser.add_argument("--scvi-metrics", metavar="CSV", help="train-scvi's OUTPUT.metrics.csv (epoch, train_loss, val_loss)")
+    parser.add_argument("--cells", metavar="DIR", help="the export's Parquet dataset (scvi_latent, batch, cell_type)")
+    parser.add_argument("--latent-column", default="scvi_latent", metavar="COLUMN",
+                        help="the embedding to draw in 2-D (default: scvi_latent)")
+    parser.add_argument("--sample-size", type=int, default=20_000, metavar="N",
+                        help="cells drawn in the 2-D views (default: 20000)")
+    parser.add_argument("--layout", choices=("pca", "umap"), default="pca",
+                        help="2-D layout of the latent sample: its first two principal components, or UMAP (default: pca)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of UMAP (default: 0)")
+    parser.add_argument("--config", metavar="YAML", help="a YAML file with these options' long names as keys")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+# -- figures ------------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "font.size": 9, "axes.spines.top": False, "axes.spines.right": False})
+    return plt
+
+
+def _save(fig, path: str) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", bbox_inches="tight")
+    _pyplot().close(fig)
+
+
+def _placeholder(path: str, title: str, message: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 2.5))
+    ax.set_axis_off()
+    ax.set_title(title)
+    ax.text(0.5, 0.5, message, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    _save(fig, path)
+
+
+def _read_csv(path: str, flag: str, columns: tuple[str, ...]) -> pd.DataFrame:
+    if not os.path.isfile(path):
+        raise InputError(f"{flag}: {path}: no such file")
+    table = pd.read_csv(path)
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"{flag}: {path}: no column(s) {missing} (columns: {list(table.columns)})")
+    return table
+
+
+def plot_hvg(path: str, out: str) -> None:
+    table = _read_csv(path, "--hvg", ("means", "variances", "highly_variable"))
+    hv = table["highly_variable"].astype(str).str.lower().isin(("true", "1")).to_numpy()
+    keep = (table["means"] > 0).to_numpy() & (table["variances"] > 0).to_numpy()
+    mean = np.log10(table["means"].to_numpy()[keep])
+    plt = _pyplot()
+    panels = [("variances", "log10 variance")]
+    if "variances_norm" in table.columns:
+        panels.append(("variances_norm", "normalised variance (Seurat v3)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
+        y = table[column].to_numpy()[keep]
+        y = np.log10(y) if column == "variances" else y
+        sel = hv[keep]
+        ax.scatter(mean[~sel], y[~sel], s=3, c="lightgrey", label=f"other ({(~sel).sum()})", rasterized=True)
+        ax.scatter(mean[sel], y[sel], s=4, c="crimson", label=f"highly variable ({sel.sum()})", rasterized=True)
+        ax.set_xlabel("log10 mean count")
+        ax.set_ylabel(label)
+        ax.legend(loc="upper left", frameon=False, markerscale=3)
+    fig.suptitle(f"Highly variable genes: {int(hv.sum())} of {len(table)}")
+    _save(fig, out)
+
+
+def plot_pca_variance(path: str, out: str) -> None:
+    table = _read_csv(path, "--pca-variance", ("component", "explained_variance_ratio"))
+    component = np.arange(1, len(table) + 1)
+    ratio = table["explained_variance_ratio"].to_numpy()
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    (per,) = ax.plot(component, ratio, "o-", ms=3, label="per component")
+    ax.set_xlabel("principal component")
+    ax.set_ylabel("explained variance ratio")
+    twin = ax.twinx()
+    (cumulative,) = twin.plot(component, np.cumsum(ratio), color="grey", ls="--", label="cumulative")
+    twin.set_ylabel("cumulative ratio")
+    twin.set_ylim(0, 1.02)
+    ax.set_title(f"PCA: {len(ratio)} components explain {100 * ratio.sum():.1f}% of the HVG variance")
+    ax.legend(handles=[per, cumulative], loc="upper right", frameon=False)
+    _save(fig, out)
+
+
+def plot_losses(path: str, out: str) -> None:
+    table = _read_csv(path, "--scvi-metrics", ("epoch",))
+    curves = [c for c in ("train_loss", "val_loss") if c in table.columns and table[c].notna().any()]
+    if not curves:
+        _placeholder(out, "scVI loss", f"{path} has no loss values")
+        return
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for column, label in (("train_loss", "training"), ("val_loss", "validation")):
+        if column in curves:
+            ax.plot(table["epoch"] + 1, table[column], "o-", ms=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("loss per cell (negative ELBO)")
+    ax.set_title("scVI training" + ("" if "val_loss" in curves else " (no validation cells: train-scvi --val-fraction)"))
+    ax.legend(frameon=False)
+    _save(fig, out)
+
+
+# -- per-cell data: one streaming pass ---------------------------------------------------------------------
+
+
+class CellSample:
+    """A uniform reservoir sample of cells (Algorithm R in blocks), and exact cell-type counts per batch."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.seen = 0
+        self.latent: np.ndarray | None = None
+        self.batch = np.empty(0, dtype=object)
+        self.cell_type = np.empty(0, dtype=object)
+        self.counts: Counter[tuple[str, str]] = Counter()
+
+    def add(self, latent: np.ndarray, batch: np.ndarray, cell_type: np.ndarray) -> None:
+        n = len(batch)
+        self.counts.update(zip(batch.tolist(), cell_type.tolist()))
+        if self.latent is None:
+            self.latent = np.empty((0, latent.shape[1]), dtype=np.float32)
+        # Fill the reservoir first, then cell i (0-based over the stream) replaces a random slot with
+        # probability size / (i + 1).
+        fill = max(0, min(self.size - len(self.batch), n))
+        if fill:
+            self.latent = np.concatenate([self.latent, latent[:fill]])
+            self.batch = np.concatenate([self.batch, batch[:fill]])
+            self.cell_type = np.concatenate([self.cell_type, cell_type[:fill]])
+        rest = np.arange(fill, n)
+        if rest.size:
+            index = self.seen + rest
+            slots = (self.rng.random(rest.size) * (index + 1)).astype(np.int64)
+            take = slots < self.size
+            # Later cells overwrite earlier ones in the same slot, as the sequential algorithm would.
+            for i, slot in zip(rest[take], slots[take]):
+                self.latent[slot] = latent[i]
+                self.batch[slot] = batch[i]
+                self.cell_type[slot] = cell_type[i]
+        self.seen += n
+
+
+def _cell_type_column(names: list[str]) -> str | None:
+    for column in ("cell_type", "cell_type_ontology_term_id"):
+        if column in names:
+            return column
+    return None
+
+
+def sample_cells(path: str, latent_column: str, size: int, seed: int) -> tuple[CellSample, str | None]:
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if not os.path.isdir(path):
+        raise InputError(f"--cells: {path}: no such directory")
+    partitioning = ds.partitioning(pa.schema([("dataset", pa.string()), ("batch", pa.string())]), flavor="hive")
+    dataset = ds.dataset(path, format="parquet", partitioning=partitioning)
+    names = dataset.schema.names
+    if latent_column not in names:
+        raise InputError(f"--cells: {path}: no column {latent_column!r} (columns: {names})")
+    type_column = _cell_type_column(names)
+    columns = [latent_column, "batch"] + ([type_column] if type_column else [])
+    sample = CellSample(size, seed)
+    for batch in dataset.to_batches(columns=columns, batch_size=65_536):
+        if batch.num_rows == 0:
+            continue
+        vectors = batch.column(latent_column)
+        width = vectors.type.list_size
+        latent = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        batches = np.asarray(batch.column("batch").fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
+        types = (np.asarray(batch.column(type_column).fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
+                 if type_column else np.full(batch.num_rows, "(not predicted)", dtype=object))
+        sample.add(latent, batches, types)
+    if sample.seen == 0:
+        raise InputError(f"--cells: {path}: no cells")
+    return sample, type_column
+
+
+def layout_2d(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, tuple[str, str]]:
+    if method == "umap":
+        try:
+            import umap
+        except ImportError:
+            raise InputError("--layout umap needs umap-learn (pip install umap-learn), or use --layout pca") from None
+        xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(latent)
+        return np.asarray(xy), ("UMAP 1", "UMAP 2")
+    centred = latent.astype(np.float64) - latent.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    if xy.shape[1] < 2:
+        xy = np.column_stack([xy, np.zeros(len(xy))])
+    return xy, ("latent PC 1", "latent PC 2")
+
+
+def _ordered_categories(values: np.ndarray, limit: int = MAX_LEGEND) -> list[str]:
+    counts = Counter(values.tolist())
+    return [c for c, _ in counts.most_common(limit)]
+
+
+def plot_scatter(xy: np.ndarray, labels: np.ndarray, axis_names: tuple[str, str], title: str, out: str,
+                 *, sort_legend: bool = False) -> None:
+    plt = _pyplot()
+    shown = _ordered_categories(labels)
+    shown = sorted(shown) if sort_legend else shown
+    labels = np.where(np.isin(labels, shown), labels, "other")
+    order = np.random.default_rng(0).permutation(len(labels))  # no category painted over the others
+    categories = shown + (["other"] if (labels == "other").any() else [])
+    colours = {c: plt.get_cmap("tab20" if len(categories) > 10 else "tab10")(i) for i, c in enumerate(categories)}
+    colours["other"] = (0.75, 0.75, 0.75, 1.0)
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    ax.scatter(xy[order, 0], xy[order, 1], s=3, c=[colours[c] for c in labels[order]], rasterized=True, linewidths=0)
+    for c in categories:
+        ax.scatter([], [], s=20, color=colours[c], label=c)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    _save(fig, out)
+
+
+def plot_composition(counts: Counter, title_suffix: str, out: str) -> None:
+    table = pd.Series(counts).unstack(fill_value=0) if counts else pd.DataFrame()
+    plt = _pyplot()
+    shown = table.sum(axis=0).sort_values(ascending=False).index[:MAX_LEGEND].tolist()
+    if len(shown) < table.shape[1]:
+        table = table[shown].assign(other=table.drop(columns=shown).sum(axis=1))
+    else:
+        table = table[shown]
+    fractions = table.div(table.sum(axis=1), axis=0)
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(table) + 3), 4.5))
+    bottom = np.zeros(len(table))
+    cmap = plt.get_cmap("tab20" if table.shape[1] > 10 else "tab10")
+    for i, column in enumerate(fractions.columns):
+        colour = (0.75, 0.75, 0.75, 1.0) if column == "other" else cmap(i)
+        ax.bar(range(len(table)), fractions[column], bottom=bottom, color=colour, label=column, width=0.8)
+        bottom += fractions[column].to_numpy()
+    ax.set_xticks(range(len(table)))
+    ax.set_xticklabels([f"{b}\n(n={n:,})" for b, n in zip(table.index, table.sum(axis=1))], rotation=45, ha="right",
+                       fontsize=8)
+    ax.set_ylabel("fraction of cells")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False, fontsize=8)
+    ax.set_title(f"Cell types per batch{title_suffix}")
+    _save(fig, out)
+
+
+def plot_cells(args: argparse.Namespace) -> None:
+    paths = {name: os.path.join(args.output, name) for name in PLOTS}
+    sample, type_column = sample_cells(args.cells, args.latent_column, args.sample_size, args.seed)
+    xy, axis_names = layout_2d(sample.latent, args.layout, args.seed)
+    n = f"{len(sample.batch):,} of {sample.seen:,} cells"
+    plot_scatter(xy, sample.batch, axis_names, f"{args.latent_column} by batch ({n})", paths["latent_by_batch.png"],
+                 sort_legend=True)
+    if type_column is None:
+        message = "the export has no predicted cell types (set cell_type_key to train SOCAM)"
+        _placeholder(paths["latent_by_cell_type.png"], "Predicted cell type", message)
+    else:
+        plot_scatter(xy, sample.cell_type, axis_names, f"{args.latent_column} by predicted {type_column} ({n})",
+                     paths["latent_by_cell_type.png"])
+    plot_composition(sample.counts, f" (predicted {type_column}, all {sample.seen:,} cells)" if type_column else
+                     " (no predictions)", paths["cell_type_composition.png"])
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.sample_size < 1:
+        raise InputError(f"--sample-size: must be at least 1, got {args.sample_size}")
+    os.makedirs(args.output, exist_ok=True)
+    jobs: list[tuple[str | None, str, Callable[[], None]]] = [
+        (args.hvg, "hvg_mean_variance.png", lambda: plot_hvg(args.hvg, os.path.join(args.output, "hvg_mean_variance.png"))),
+        (args.pca_variance, "pca_variance.png",
+         lambda: plot_pca_variance(args.pca_variance, os.path.join(args.output, "pca_variance.png"))),
+        (args.scvi_metrics, "scvi_loss.png", lambda: plot_losses(args.scvi_metrics, os.path.join(args.output, "scvi_loss.png"))),
+    ]
+    for given, name, job in jobs:
+        if given:
+            job()
+        else:
+            _placeholder(os.path.join(args.output, name), name, f"not plotted: no {PLOTS[name]} given")
+    if args.cells:
+        plot_cells(args)
+    else:
+        for name in ("latent_by_batch.png", "latent_by_cell_type.png", "cell_type_composition.png"):
+            _placeholder(os.path.join(args.output, name), name, "not plotted: no --cells given")
+    with atomic_path(os.path.join(args.output, "provenance.json")) as tmp, open(tmp, "w") as f:
+        f.write(provenance_json(NAME, args))
+    logger.info("wrote %d plots to %s", len(PLOTS), args.output)
