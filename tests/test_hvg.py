@@ -367,3 +367,12 @@ def test_cli_ddp_gives_the_one_process_table(
     run_cli("hvg", "--input", *pbmc_shards, "--batch-key", "source", "--output", str(output),
             "--devices", str(devices), "--accelerator", "cpu")
     pd.testing.assert_frame_equal(read_table(output), read_table(cli_two_pass), check_exact=True)
+
+
+def test_cli_with_a_loader_worker_gives_the_same_table(pbmc_shards: list[str], cli_two_pass: Path, cli_dir: Path) -> None:
+    """Batches read in a DataLoader worker process: the same table, and the step ends (it once replayed
+    the worker-transfer warning inside its own warning recorder, looping until out of memory)."""
+    output = cli_dir / "worker" / "hvg.csv"
+    run_cli("hvg", "--input", *pbmc_shards, "--batch-key", "source", "--output", str(output),
+            "--num-workers", "1", "--accelerator", "cpu", timeout=300)
+    pd.testing.assert_frame_equal(read_table(output), read_table(cli_two_pass), check_exact=True)

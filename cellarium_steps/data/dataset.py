@@ -18,6 +18,9 @@ from cellarium_steps.data.shards import Shard, ShardCollection
 
 # torch flags its sparse CSR layout as beta on every construction; we rely on its stable subset.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+# Batches cross from loader workers as CSR tensors that torch rebuilds without re-checking them; they
+# were built from scipy's valid CSR arrays.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled", category=UserWarning)
 
 BatchDict = dict[str, Any]
 

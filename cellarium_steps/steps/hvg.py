@@ -228,21 +228,21 @@ def run(args: argparse.Namespace) -> None:
         batch_names=list(collection.batch_categories) if use_batch_key else None,
     )
     source = f"--mean-var {args.mean_var}: " if args.mean_var else ""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", HVGWarning)
-        try:
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", HVGWarning)
             if args.mean_var:
                 model.set_batch_statistics(*read_mean_var_statistics(args.mean_var, collection, args.batch_key))
             trainer = fit_statistics(
                 model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
                 devices=args.devices, accelerator=args.accelerator, max_epochs=model.n_epochs_needed,
             )
-        except NoBatchLeftError as e:
-            raise InputError(f"{source}{e}") from None
-        except BatchStatisticsMismatchError as e:
-            raise InputError(f"{source}{e}") from None
-        finally:
-            _replay_warnings(caught)
+    except (NoBatchLeftError, BatchStatisticsMismatchError) as e:
+        raise InputError(f"{source}{e}") from None
+    finally:
+        # Outside the recording context: replaying inside it would record each warning again, forever.
+        _replay_warnings(caught)
     if trainer.global_rank != 0:
         return
     meta = provenance(NAME, args)
