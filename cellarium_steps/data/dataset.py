@@ -41,7 +41,8 @@ class ShardedCellDataset(IterableDataset):
     """Yields batch dicts; each cell of the collection exactly once per epoch over all ranks and workers.
 
     Keys: ``x_ng`` (sparse CSR counts), ``var_names_g``, ``obs_names_n``, ``batch_index_n``,
-    ``total_mrna_umis_n``, and ``<column>_n`` for each requested obs column.
+    ``total_mrna_umis_n`` (unless ``with_totals=False``: a pass over every count that a consumer
+    which does not read it need not pay), and ``<column>_n`` for each requested obs column.
     """
 
     def __init__(
@@ -53,8 +54,10 @@ class ShardedCellDataset(IterableDataset):
         require_counts: bool = True,
         shuffle_block_size: int = 16,
         shuffle_window: int = 4096,
+        with_totals: bool = True,
     ):
         self.collection = collection
+        self.with_totals = with_totals
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -121,14 +124,14 @@ class ShardedCellDataset(IterableDataset):
 
     def _to_batch(self, blocks: list[_RowBlock]) -> BatchDict:
         x = blocks[0].x if len(blocks) == 1 else sp.vstack([b.x for b in blocks], format="csr")
-        total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()
         batch: BatchDict = {
             "x_ng": csr_to_torch(x),
             "var_names_g": self.collection.var_names_g,
             "obs_names_n": np.concatenate([b.obs_names for b in blocks]),
             "batch_index_n": torch.from_numpy(np.concatenate([b.batch_codes for b in blocks])),
-            "total_mrna_umis_n": torch.from_numpy(total_n).float(),
         }
+        if self.with_totals:
+            batch["total_mrna_umis_n"] = torch.from_numpy(np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()).float()
         for key in self.collection.obs_columns:
             batch[f"{key}_n"] = np.concatenate([b.columns[key] for b in blocks])
         return batch

@@ -208,6 +208,7 @@ class HVGSeuratV3(CellariumModel):
         self.register_buffer("n_clipped_bg", torch.zeros(b, g, dtype=f64))
         self.register_buffer("clip_size_b", torch.zeros(b, dtype=f64))
         self._clip_threshold_bg32: np.ndarray | None = None
+        self._min_threshold: tuple[np.ndarray, np.ndarray] | None = None
 
         self.phase = _PHASE_MOMENTS
         self._statistics_given = False
@@ -380,24 +381,24 @@ class HVGSeuratV3(CellariumModel):
             value_e = value_e.astype(np.float64, copy=False)
             threshold_bg = self.clip_val_bg.cpu().numpy()
         batch_n = batch_index_n.numpy()
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(batch_n)) + 1])
-        if len(starts) <= 64:
-            # Cells of one batch usually come in runs: compare each run against its batch's row.
-            stops = np.append(starts[1:], len(batch_n))
-            pieces = []
-            for a, b in zip(starts, stops):
-                p0, p1 = crow[a], crow[b]
-                pieces.append(np.flatnonzero(value_e[p0:p1] > threshold_bg[batch_n[a]][col_e[p0:p1]]) + p0)
-            position_c = np.concatenate(pieces)
-        else:
-            batch_e = np.repeat(batch_n, np.diff(crow))
-            position_c = np.flatnonzero(value_e > threshold_bg[batch_e, col_e])
-        row_c = np.searchsorted(crow, position_c, side="right") - 1
+        # A count at or below its gene's smallest threshold over all batches is never clipped, and
+        # clip values sit many standard deviations above the mean: one lookup in a per-gene table
+        # leaves a few candidates, which are then checked against their own batch's threshold.
+        candidate_e = np.flatnonzero(value_e > self._min_threshold_g(threshold_bg)[col_e])
+        row_c = np.searchsorted(crow, candidate_e, side="right") - 1
+        batch_c = batch_n[row_c]
+        clipped = value_e[candidate_e] > threshold_bg[batch_c, col_e[candidate_e]]
+        position_c = candidate_e[clipped]
         return (
-            torch.from_numpy(batch_n[row_c].astype(np.int64)),
+            torch.from_numpy(batch_c[clipped].astype(np.int64)),
             torch.from_numpy(col_e[position_c].astype(np.int64)),
             torch.from_numpy(value_e[position_c].astype(np.float64)),
         )
+
+    def _min_threshold_g(self, threshold_bg: np.ndarray) -> np.ndarray:
+        if self._min_threshold is None or self._min_threshold[0] is not threshold_bg:
+            self._min_threshold = (threshold_bg, threshold_bg.min(axis=0))
+        return self._min_threshold[1]
 
     def _clip_threshold_float32(self) -> np.ndarray:
         """For each clip value, the largest float32 not above it: ``v > t32 <=> v > clip`` for float32 v."""

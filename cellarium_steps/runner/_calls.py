@@ -33,3 +33,12 @@ def apply_transforms(transforms: Sequence[nn.Module], batch: BatchDict) -> Batch
     for transform in transforms:
         batch = {**batch, **call_with_batch(transform.forward, batch)}
     return batch
+
+
+def reads_batch_key(key: str, modules: Sequence[nn.Module]) -> bool:
+    """Whether any module's ``forward`` takes ``key`` (or any key, through ``**kwargs``)."""
+    for module in modules:
+        names, takes_kwargs = _parameter_names(getattr(module.forward, "__func__", module.forward))
+        if takes_kwargs or key in names:
+            return True
+    return False

@@ -10,9 +10,12 @@ asked for.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +25,7 @@ from torch.utils.data import DataLoader
 from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.shards import ShardCollection
 from cellarium_steps.models.base import CellariumModel
-from cellarium_steps.runner._calls import apply_transforms, call_with_batch
+from cellarium_steps.runner._calls import apply_transforms, call_with_batch, reads_batch_key
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -96,7 +99,10 @@ def fit_statistics(
     device = torch.device("cuda" if resolve_accelerator(accelerator) in ("gpu", "cuda") else "cpu")
     transforms = nn.ModuleList(transforms).to(device)
     model.to(device)
-    dataset = ShardedCellDataset(collection, batch_size=batch_size, shuffle=shuffle, seed=seed)
+    dataset = ShardedCellDataset(
+        collection, batch_size=batch_size, shuffle=shuffle, seed=seed,
+        with_totals=reads_batch_key("total_mrna_umis_n", [*transforms, model]),
+    )
     loader = DataLoader(
         dataset, batch_size=None, num_workers=num_workers, collate_fn=collate_identity,
         prefetch_factor=2 if num_workers else None,
@@ -109,14 +115,61 @@ def fit_statistics(
             dataset.set_epoch(epoch)
             _hook(model, "on_train_epoch_start", trainer)
             progress = _Progress(epoch, len(dataset), progress_every_s)
-            for batch in loader:
-                batch = apply_transforms(transforms, _to_device(batch, device))
+            prepare = partial(_prepare, transforms=transforms, device=device)
+            for batch in prefetched(loader, prepare):
                 _hook(model, "on_train_batch_start", trainer)
                 call_with_batch(model.forward, batch)
                 progress.advance(batch["x_ng"].shape[0])
             _hook(model, "on_train_epoch_end", trainer)
     _hook(model, "on_train_end", trainer)
     return trainer
+
+
+def _prepare(batch: dict[str, Any], transforms: nn.ModuleList, device: torch.device) -> dict[str, Any]:
+    with torch.no_grad():  # grad mode is per thread
+        return apply_transforms(transforms, _to_device(batch, device))
+
+
+def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
+    """``prepare(batch)`` for each batch, in order, computed by a background thread up to ``depth`` ahead.
+
+    Reading and the transforms run one core at a time while a model's BLAS call (PCA's X^T X) keeps
+    the others busy; overlapping the two uses the idle core. numpy, scipy, h5py and torch release
+    the GIL in their heavy calls. An exception in the thread is raised here, in order.
+    """
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                item = (prepare(batch), None)
+                while not stop.is_set():
+                    try:
+                        slots.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            slots.put((done, e))
+
+    thread = threading.Thread(target=produce, name="cellarium-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _hook(model: nn.Module, name: str, trainer: LocalTrainer) -> None:
