@@ -12,10 +12,10 @@ import pandas as pd
 
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.errors import InputError
-from cellarium_steps.export import write_json_atomically
 from cellarium_steps.models.geneformer import Geneformer
-from cellarium_steps.runner import CellariumModule, build_trainer, epoch_checkpointing, publish_last_checkpoint
+from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.recipe import spec
+from cellarium_steps.steps._training import fit_and_publish, resumable_trainer
 from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.transforms.filter import Filter
 
@@ -143,12 +143,7 @@ def run(args: argparse.Namespace) -> None:
     var_names_g = np.asarray(genes if genes is not None else collection.var_names_g)
     factor_g = read_norm_factor(args.tdigest, var_names_g) if args.tdigest else None
 
-    checkpointing, resume_from = epoch_checkpointing(args.output)
-    trainer = build_trainer(
-        devices=args.devices, accelerator=args.accelerator, max_epochs=args.max_epochs, trainable=True,
-        callbacks=[checkpointing], default_root_dir=args.output + ".d",
-        max_steps=args.max_steps if args.max_steps is not None else -1,
-    )
+    trainer, resume_from = resumable_trainer(args)
     datamodule.dataset.set_distributed(0, trainer.world_size)
     logger.info(
         "%d cells, %d genes; %d steps per epoch per device, up to %d genes per cell",
@@ -172,10 +167,4 @@ def run(args: argparse.Namespace) -> None:
         # A buffer, so the factor travels in the checkpoint's weights.
         module.model.set_norm_factor(factor_g)
 
-    if resume_from:
-        logger.info("resuming from %s", resume_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    if trainer.global_rank == 0:
-        publish_last_checkpoint(args.output)
-        write_json_atomically(run_provenance, args.output + ".provenance.json")
-        logger.info("wrote %s", args.output)
+    fit_and_publish(trainer, module, datamodule, resume_from, args.output, run_provenance)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from cellarium_steps.data import ShardDataModule
-from cellarium_steps.export import write_json_atomically
 from cellarium_steps.models.cellarium_gpt import CellariumGPT
-from cellarium_steps.runner import CellariumModule, build_trainer, epoch_checkpointing, publish_last_checkpoint
+from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.recipe import spec
+from cellarium_steps.steps._training import fit_and_publish, resumable_trainer
 from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.transforms.filter import Filter
 from cellarium_steps.transforms.gpt_tokenizer import GPTTokenizer
@@ -114,12 +114,7 @@ def run(args: argparse.Namespace) -> None:
     if args.context_len > len(var_names_g):
         raise ConfigError(f"--context-len {args.context_len} is larger than the {len(var_names_g)} genes modelled")
 
-    checkpointing, resume_from = epoch_checkpointing(args.output)
-    trainer = build_trainer(
-        devices=args.devices, accelerator=args.accelerator, max_epochs=args.max_epochs, trainable=True,
-        callbacks=[checkpointing], default_root_dir=args.output + ".d",
-        max_steps=args.max_steps if args.max_steps is not None else -1,
-    )
+    trainer, resume_from = resumable_trainer(args)
     datamodule.dataset.set_distributed(0, trainer.world_size)
     logger.info(
         "%d cells, %d genes; context %d genes; %d steps per epoch per device",
@@ -145,10 +140,4 @@ def run(args: argparse.Namespace) -> None:
     }
     module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": args.learning_rate}, seed=args.seed)
 
-    if resume_from:
-        logger.info("resuming from %s", resume_from)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
-    if trainer.global_rank == 0:
-        publish_last_checkpoint(args.output)
-        write_json_atomically(run_provenance, args.output + ".provenance.json")
-        logger.info("wrote %s", args.output)
+    fit_and_publish(trainer, module, datamodule, resume_from, args.output, run_provenance)
