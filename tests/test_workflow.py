@@ -175,3 +175,40 @@ def test_pbmc_example_config_plans_the_chain_on_real_data() -> None:
     assert "rule simulate:" not in output
     for job in JOBS[1:]:
         assert f"rule {job}:" in output
+
+
+@pytest.mark.slow
+def test_a_killed_training_job_is_rerun_and_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    """Kill Snakemake (and its job) while train_scvi runs, after an epoch checkpoint: the output is left
+    incomplete; after ``--unlock``, a rerun with --rerun-incomplete runs the job again and the step resumes
+    from the checkpoint."""
+    import os
+    import signal
+    import time
+
+    config = tmp_path / "config.yaml"
+    results = tmp_path / "results"
+    # Enough epochs that the run is still training when the first epoch's checkpoint appears.
+    config.write_text(yaml.safe_dump({**TINY, "results": str(results),
+                                      "train_scvi": {**TINY["train_scvi"], "max_epochs": 60}}))
+    env_path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    process = subprocess.Popen(
+        [SNAKEMAKE, "scvi", "--cores", "2", "--configfile", str(config)], cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, env={**os.environ, "PATH": env_path}, start_new_session=True,
+    )
+    checkpoint = results / "scvi" / "scvi.ckpt.d" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "train_scvi wrote no epoch checkpoint"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (results / "scvi" / "scvi.ckpt").exists()
+
+    snakemake("--unlock", "--configfile", str(config))  # the killed run's lock, as a user would after a crash
+    rerun = snakemake("scvi", "--cores", "2", "--rerun-incomplete", "--configfile", str(config))
+    assert "train_scvi" in rerun.stdout + rerun.stderr
+    assert "resuming from" in (results / "logs" / "train_scvi.log").read_text()
+    assert (results / "scvi" / "scvi.ckpt").exists() and (results / "scvi" / "cells.parquet").is_dir()
+    # nothing upstream ran again
+    assert "Rule: hvg" not in rerun.stdout + rerun.stderr and "rule hvg" not in rerun.stdout + rerun.stderr
