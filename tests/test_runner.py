@@ -77,7 +77,7 @@ def test_trained_model_learns_through_transforms(shards: str) -> None:
     trainer = build_trainer(accelerator="cpu", max_epochs=5, trainable=True)
     trainer.fit(module, datamodule=datamodule)
     assert module.has_trainable_parameters and module.automatic_optimization
-    assert trainer.callback_metrics["train_loss_epoch"] < 0.2
+    assert trainer.callback_metrics["train_loss"] < 0.2
 
 
 def test_param_free_model_runs_without_optimizer(shards: str) -> None:

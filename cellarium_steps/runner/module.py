@@ -61,7 +61,9 @@ class CellariumModule(pl.LightningModule):
         loss = output.get("loss")
         if loss is not None:
             n_cells = batch["x_ng"].shape[0]
-            self.log("train_loss", loss, batch_size=n_cells, on_step=True, on_epoch=True, sync_dist=True)
+            # The epoch's mean only: per-step values would go to no logger, and under DDP each would
+            # cost an all-reduce per step; the epoch's is reduced once, at its end.
+            self.log("train_loss", loss, batch_size=n_cells, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: BatchDict, batch_idx: int) -> None:

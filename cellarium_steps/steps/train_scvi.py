@@ -125,7 +125,7 @@ class EpochMetricsCSV(pl.Callback):
     always ends at the epoch the checkpoint holds.
     """
 
-    COLUMNS = ("train_loss_epoch", "val_loss")
+    COLUMNS = ("train_loss", "val_loss")
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -137,7 +137,7 @@ class EpochMetricsCSV(pl.Callback):
         row = {"epoch": trainer.current_epoch, "step": trainer.global_step}
         for key in self.COLUMNS:
             if key in metrics:
-                row[key.removesuffix("_epoch")] = float(metrics[key])
+                row[key] = float(metrics[key])
         # With --val-fraction: every validation metric the model logged (loss terms, cell type metrics).
         validation = {k: float(v) for k, v in sorted(metrics.items()) if k.startswith("val_")}
         row.update(validation)
