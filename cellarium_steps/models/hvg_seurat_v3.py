@@ -208,7 +208,6 @@ class HVGSeuratV3(CellariumModel):
         self.register_buffer("n_clipped_bg", torch.zeros(b, g, dtype=f64))
         self.register_buffer("clip_size_b", torch.zeros(b, dtype=f64))
         self._clip_threshold_bg32: np.ndarray | None = None
-        self._min_threshold: tuple[np.ndarray, np.ndarray] | None = None
 
         self.phase = _PHASE_MOMENTS
         self._statistics_given = False
@@ -384,7 +383,7 @@ class HVGSeuratV3(CellariumModel):
         # A count at or below its gene's smallest threshold over all batches is never clipped, and
         # clip values sit many standard deviations above the mean: one lookup in a per-gene table
         # leaves a few candidates, which are then checked against their own batch's threshold.
-        candidate_e = np.flatnonzero(value_e > self._min_threshold_g(threshold_bg)[col_e])
+        candidate_e = np.flatnonzero(value_e > threshold_bg.min(axis=0)[col_e])
         row_c = np.searchsorted(crow, candidate_e, side="right") - 1
         batch_c = batch_n[row_c]
         clipped = value_e[candidate_e] > threshold_bg[batch_c, col_e[candidate_e]]
@@ -394,11 +393,6 @@ class HVGSeuratV3(CellariumModel):
             torch.from_numpy(col_e[position_c].astype(np.int64)),
             torch.from_numpy(value_e[position_c].astype(np.float64)),
         )
-
-    def _min_threshold_g(self, threshold_bg: np.ndarray) -> np.ndarray:
-        if self._min_threshold is None or self._min_threshold[0] is not threshold_bg:
-            self._min_threshold = (threshold_bg, threshold_bg.min(axis=0))
-        return self._min_threshold[1]
 
     def _clip_threshold_float32(self) -> np.ndarray:
         """For each clip value, the largest float32 not above it: ``v > t32 <=> v > clip`` for float32 v."""

@@ -133,9 +133,10 @@ def _prepare(batch: dict[str, Any], transforms: nn.ModuleList, device: torch.dev
 def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any], depth: int = 2) -> Iterator[Any]:
     """``prepare(batch)`` for each batch, in order, computed by a background thread up to ``depth`` ahead.
 
-    Reading and the transforms run one core at a time while a model's BLAS call (PCA's X^T X) keeps
-    the others busy; overlapping the two uses the idle core. numpy, scipy, h5py and torch release
-    the GIL in their heavy calls. An exception in the thread is raised here, in order.
+    Reading and the transforms run on one core; overlapping them with the model's own work uses the
+    other (HVG's clipped pass: 3.8 s -> 3.6 s on 200,000 cells). It gains nothing where the model
+    holds the GIL or both cores (scipy's dsyrk in ExactPCA). An exception in the thread is raised
+    here, in order.
     """
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
