@@ -779,3 +779,19 @@ def test_train_scvi_names_the_shard_and_cell_of_non_integer_counts(tmp_path: Pat
     err = capsys.readouterr().err
     assert code == 2 and "non-integer" in err and str(second) in err and "row 57" in err
     assert not (tmp_path / "m.ckpt").exists()
+
+
+def test_select_cells_keeps_csr_rows_with_torch_operations() -> None:
+    """The held-out split runs on the batch's device: CSR row selection without scipy (CUDA tensors have no numpy)."""
+    from cellarium_steps.steps.train_scvi import select_cells
+
+    generator = torch.Generator().manual_seed(0)
+    dense_ng = torch.poisson(torch.rand(9, 7, generator=generator)) * (torch.rand(9, 7, generator=generator) < 0.4)
+    dense_ng[3] = 0  # an empty row
+    batch = {"x_ng": dense_ng.to_sparse_csr(), "batch_index_n": torch.arange(9), "obs_names_n": np.arange(9).astype(str)}
+    for keep_n in (np.array([1, 0, 1, 1, 0, 0, 1, 0, 1], dtype=bool), np.zeros(9, dtype=bool)):
+        selected = select_cells(batch, keep_n)
+        assert selected["x_ng"].layout == torch.sparse_csr
+        assert torch.equal(selected["x_ng"].to_dense(), dense_ng[torch.from_numpy(keep_n)])
+        assert torch.equal(selected["batch_index_n"], torch.arange(9)[torch.from_numpy(keep_n)])
+        assert list(selected["obs_names_n"]) == list(np.arange(9).astype(str)[keep_n])

@@ -11,13 +11,12 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from torch.utils.data import DataLoader
 
 from cellarium_steps.atomic import write_csv_atomically
 from cellarium_steps.data import ShardDataModule
-from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity, csr_to_torch
+from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.export import write_json_atomically
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
@@ -205,22 +204,35 @@ class HeldOutCells:
 
 
 def select_cells(batch: dict[str, Any], keep_n: np.ndarray) -> dict[str, Any]:
-    """The batch restricted to the cells where ``keep_n`` is True (sparse CSR stays sparse)."""
+    """The batch restricted to the cells where ``keep_n`` is True, on the batch's device (CSR stays CSR)."""
     if keep_n.all():
         return batch
-    index = np.flatnonzero(keep_n)
     x_ng = batch["x_ng"]
+    index_n = torch.from_numpy(np.flatnonzero(keep_n)).to(x_ng.device)
     if x_ng.layout == torch.sparse_csr:
-        x = sp.csr_matrix((x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()),
-                          shape=tuple(x_ng.shape))
-        x_ng = csr_to_torch(x[index], dtype=x_ng.dtype)
+        x_ng = csr_rows(x_ng, index_n)
     else:
-        x_ng = x_ng[torch.from_numpy(index)]
+        x_ng = x_ng[index_n]
     out = {**batch, "x_ng": x_ng}
     for key, value in batch.items():
         if key.endswith("_n"):
-            out[key] = value[torch.from_numpy(index)] if isinstance(value, torch.Tensor) else value[index]
+            out[key] = value[index_n.to(value.device)] if isinstance(value, torch.Tensor) else value[index_n.cpu().numpy()]
     return out
+
+
+def csr_rows(x_ng: torch.Tensor, index_m: torch.Tensor) -> torch.Tensor:
+    """Rows ``index_m`` of a sparse CSR tensor, with torch operations only (so also on CUDA)."""
+    crow = x_ng.crow_indices()
+    start_m = crow[index_m]
+    count_m = crow[index_m + 1] - start_m
+    crow_m1 = torch.zeros(len(index_m) + 1, dtype=crow.dtype, device=crow.device)
+    torch.cumsum(count_m, 0, out=crow_m1[1:])
+    total = int(crow_m1[-1])
+    # Entry e of the new matrix sits at offset (e - its row's new start) after its row's old start.
+    offset_e = torch.arange(total, dtype=crow.dtype, device=crow.device) - torch.repeat_interleave(crow_m1[:-1], count_m)
+    position_e = torch.repeat_interleave(start_m, count_m) + offset_e
+    return torch.sparse_csr_tensor(crow_m1, x_ng.col_indices()[position_e], x_ng.values()[position_e],
+                                   size=(len(index_m), x_ng.shape[1]))
 
 
 class ScviDataModule(ShardDataModule):
