@@ -147,10 +147,12 @@ def main() -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
 
+    from cellarium_steps.steps.train_socam import default_max_epochs
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = socam_defaults()
-    parser.add_argument("--epochs", type=int, default=defaults.max_epochs,
-                        help=f"SOCAM epochs (default: train-socam's, {defaults.max_epochs})")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="SOCAM epochs (default: train-socam's for the fold's training cells)")
     parser.add_argument("--w-prior-scale", type=float, default=defaults.w_prior_scale,
                         help=f"SOCAM's Laplace scale (default: train-socam's, {defaults.w_prior_scale:g})")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,7 +171,7 @@ def main() -> None:
     scorer = Scorer()
     print(f"{path.name}: {adata.n_obs:,} cells, {int(labelled.sum()):,} labelled; {len(genes)} HVG genes (our hvg, "
           f"all cells, batch key {SOURCE_KEY}); SOCAM: w_prior_scale={defaults.w_prior_scale:g}, "
-          f"lr={defaults.learning_rate:g}, epochs={args.epochs}, batch {defaults.batch_size}", file=sys.stderr)
+          f"lr={defaults.learning_rate:g}, epochs={args.epochs or 'train-socam default per fold'}, batch {defaults.batch_size}", file=sys.stderr)
 
     rows, totals = [], {"n": 0, "socam_depth": 0, "socam_coarse": 0, "sklearn_depth": 0, "sklearn_coarse": 0,
                         "violations": 0, "socam_s": 0.0, "sklearn_s": 0.0}
@@ -177,7 +179,8 @@ def main() -> None:
         train = sources != held
         test = labelled & (sources == held)
         start = time.perf_counter()
-        model = train_socam(x_ng[train], labels[train], genes, defaults, args.epochs, args.seed)
+        epochs = args.epochs or default_max_epochs(int(train.sum()), defaults.batch_size)
+        model = train_socam(x_ng[train], labels[train], genes, defaults, epochs, args.seed)
         socam_pred, violations = socam_calls(model, x_ng[test])
         socam_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -191,7 +194,7 @@ def main() -> None:
         sklearn_depth, sklearn_coarse = scorer.score(truth, sklearn_pred)
         n = len(truth)
         rows.append({
-            "held-out source": held, "cells": n,
+            "held-out source": held, "cells": n, "SOCAM epochs": epochs,
             "SOCAM depth": socam_depth / n, "sklearn depth": sklearn_depth / n,
             "SOCAM coarse": socam_coarse / n, "sklearn coarse": sklearn_coarse / n,
             "violations": violations, "SOCAM s": socam_s, "sklearn s": sklearn_s,

@@ -3,6 +3,7 @@ scikit-learn on the real PBMC labels), the train-socam / train-logreg steps, and
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -29,6 +30,7 @@ from cellarium_steps.ontology import (
 )
 from cellarium_steps.runner import CellariumModule, apply_transforms, build_trainer
 from cellarium_steps.steps.cli import main as cli_main
+from cellarium_steps.steps.train_socam import DEFAULT_MAX_EPOCHS_CAP, DEFAULT_TRAINING_STEPS, default_max_epochs
 from cellarium_steps.transforms.augment import BinomialResample, DuplicateViews, GeneDropout
 
 CD4_T = "CL:0000624"
@@ -373,13 +375,24 @@ def test_train_socam_cli_checkpoint_rebuilds_and_predicts(small_labelled_shards,
 def test_train_logreg_in_process(small_labelled_shards, tmp_path: Path) -> None:
     shards, gene_file, _ = small_labelled_shards
     output = str(tmp_path / "logreg.ckpt")
+    # No --max-epochs: the default is worked out from the cell count (2,000 cells, 2 steps an epoch: the cap).
     assert cli_main(["train-logreg", "--input", *shards, "--genes", gene_file, "--output", output,
-                     "--max-epochs", "2", "--batch-size", "1024", "--quiet"]) == 0
+                     "--batch-size", "1024", "--quiet"]) == 0
+    provenance = json.loads(Path(output + ".provenance.json").read_text())
+    assert provenance["config"]["max_epochs"] == default_max_epochs(2000, 1024) == DEFAULT_MAX_EPOCHS_CAP
     module, predictions = _predict(output, shards[:1])
     assert isinstance(module.model, LogisticRegression) and module.model.n_obs == 1500
     assert list(module.model.y_categories) == PBMC_TERMS
     assert torch.cat([p["y_logits_nc"] for p in predictions]).shape == (1000, 12)
     assert pd.read_csv(output + ".classes.csv")["cl_name"].tolist() == PBMC_TERMS
+
+
+def test_default_epochs_aim_at_a_fixed_number_of_optimizer_steps() -> None:
+    assert default_max_epochs(13_000, 1024) == math.ceil(DEFAULT_TRAINING_STEPS / 13)  # the LOSO folds: 39
+    assert default_max_epochs(10_000_000, 1024) == 1
+    assert default_max_epochs(200_000, 1024) == math.ceil(DEFAULT_TRAINING_STEPS / 196)
+    assert default_max_epochs(200_000, 1024, devices=2) == math.ceil(DEFAULT_TRAINING_STEPS / 98)
+    assert default_max_epochs(100, 1024) == DEFAULT_MAX_EPOCHS_CAP
 
 
 def test_label_that_is_not_a_cl_id_fails_with_one_line(small_labelled_shards, tmp_path: Path, capsys) -> None:
