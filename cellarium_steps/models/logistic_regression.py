@@ -10,16 +10,16 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from cellarium_steps.models._laplace_linear import LaplaceLinearClassifier
 from cellarium_steps.models._tensors import global_count
-from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
-from cellarium_steps.models.socam import log_histogram
+from cellarium_steps.models.base import PredictMixin, ValidateMixin, check_var_names
 from cellarium_steps.ontology import is_unlabelled
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 
-class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
+class LogisticRegression(LaplaceLinearClassifier, PredictMixin, ValidateMixin):
     """Logistic regression model.
 
     Generative model (:meth:`model`, in Pyro): ``W_gc ~ Laplace(0, W_prior_scale)``,
@@ -57,13 +57,6 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
         log_metrics: bool = True,
     ) -> None:
         super().__init__()
-        if n_obs < 1:
-            raise ValueError(f"n_obs must be at least 1, got {n_obs}")
-        if not W_prior_scale > 0:
-            raise ValueError(f"W_prior_scale must be positive, got {W_prior_scale}")
-        self.n_obs = int(n_obs)
-        self.var_names_g = np.asarray(var_names_g)
-        self.n_vars = len(self.var_names_g)
         self.y_categories = np.asarray([str(c) for c in y_categories], dtype=object)
         if len(self.y_categories) < 2:
             raise ValueError(f"y_categories must have at least 2 categories, got {list(self.y_categories)}")
@@ -71,23 +64,11 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
             raise ValueError("y_categories has duplicates")
         self.n_categories = len(self.y_categories)
         self._category_index = {c: i for i, c in enumerate(self.y_categories)}
-        self.seed = seed
-        self.W_init_scale = W_init_scale
-        self._W_prior_scale = float(W_prior_scale)
-        self.log_metrics = log_metrics
-
-        self.W_prior_scale: torch.Tensor
-        self.register_buffer("W_prior_scale", torch.empty(()))
-        self.W_gc = torch.nn.Parameter(torch.empty(self.n_vars, self.n_categories))
-        self.b_c = torch.nn.Parameter(torch.empty(self.n_categories))
+        self._init_laplace_linear(n_obs, var_names_g, self.n_categories, W_prior_scale, W_init_scale, seed, log_metrics)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        rng = torch.Generator().manual_seed(self.seed)
-        with torch.no_grad():
-            self.W_prior_scale.fill_(self._W_prior_scale)
-            self.W_gc.copy_(torch.randn(self.n_vars, self.n_categories, generator=rng) * self.W_init_scale)
-            self.b_c.zero_()
+        self._reset_laplace_linear()
 
     # -- targets ----------------------------------------------------------------------------------
 
@@ -226,7 +207,3 @@ class LogisticRegression(CellariumModel, PredictMixin, ValidateMixin):
         with torch.no_grad():
             logits_nc = x_ng.to(self.W_gc.dtype) @ self.W_gc + self.b_c
         return {"y_logits_nc": logits_nc}
-
-    def on_train_epoch_end(self, trainer: pl.Trainer) -> None:
-        if self.log_metrics:
-            log_histogram(trainer, "W_gc", self.W_gc)

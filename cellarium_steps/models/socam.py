@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from cellarium_steps.models._laplace_linear import LaplaceLinearClassifier
 from cellarium_steps.models._tensors import global_count
-from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
+from cellarium_steps.models.base import PredictMixin, ValidateMixin, check_var_names
 from cellarium_steps.ontology import is_unlabelled
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ def label_log_probs(logits_nc: torch.Tensor, y_n: torch.Tensor, descendant_cc: t
     return torch.logsumexp(logits_nc.masked_fill(~in_label_nc, float("-inf")), dim=-1) - log_z_n
 
 
-class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
+class SOCAM(LaplaceLinearClassifier, PredictMixin, ValidateMixin):
     """Logistic regression model for cell type ontology classification.
 
     A linear map ``logits_nc = x_ng @ W_gc + b_c`` over the *active* terms, a softmax over them,
@@ -107,13 +108,6 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
         include_ancestors_of_cl_name_subset: bool = True,
     ) -> None:
         super().__init__()
-        if n_obs < 1:
-            raise ValueError(f"n_obs must be at least 1, got {n_obs}")
-        if not W_prior_scale > 0:
-            raise ValueError(f"W_prior_scale must be positive, got {W_prior_scale}")
-        self.n_obs = int(n_obs)
-        self.var_names_g = np.asarray(var_names_g)
-        self.n_vars = len(self.var_names_g)
         self.cl_names = [str(c) for c in cl_names]
         descendant_cc = torch.as_tensor(np.asarray(descendant_tensor, dtype=np.float32))
         c = len(self.cl_names)
@@ -139,10 +133,6 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
         self.cl_name_subset = cl_name_subset
         self.include_ancestors_of_cl_name_subset = include_ancestors_of_cl_name_subset
         self.probability_propagation_flag = probability_propagation_flag
-        self.log_metrics = log_metrics
-        self.seed = seed
-        self.W_init_scale = W_init_scale
-        self._W_prior_scale = float(W_prior_scale)
 
         self.active_cl_names: list[str] = list(cl_name_subset) if cl_name_subset is not None else list(self.cl_names)
         self.n_active_cats = len(self.active_cl_names)
@@ -154,22 +144,16 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
 
         self.descendant_tensor: torch.Tensor
         self.active_descendant_tensor_cc: torch.Tensor
-        self.W_prior_scale: torch.Tensor
         self.register_buffer("descendant_tensor", torch.empty(c, c))
         self.register_buffer("active_descendant_tensor_cc", torch.empty(self.n_active_cats, self.n_active_cats))
-        self.register_buffer("W_prior_scale", torch.empty(()))
-        self.W_gc = torch.nn.Parameter(torch.empty(self.n_vars, self.n_active_cats))
-        self.b_c = torch.nn.Parameter(torch.empty(self.n_active_cats))
+        self._init_laplace_linear(n_obs, var_names_g, self.n_active_cats, W_prior_scale, W_init_scale, seed, log_metrics)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        rng = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
             self.descendant_tensor.copy_(self._descendant_cc)
             self.active_descendant_tensor_cc.copy_(self._active_descendant_cc)
-            self.W_prior_scale.fill_(self._W_prior_scale)
-            self.W_gc.copy_(torch.randn(self.n_vars, self.n_active_cats, generator=rng) * self.W_init_scale)
-            self.b_c.zero_()
+        self._reset_laplace_linear()
 
     # -- labels -----------------------------------------------------------------------------------
 
@@ -275,17 +259,3 @@ class SOCAM(CellariumModel, PredictMixin, ValidateMixin):
                 probs_nc = propagate_probs(probs_nc, self.active_descendant_tensor_cc).clamp(max=1.0)
         return {"y_logits_nc": logits_nc, "cell_type_probs_nc": probs_nc}
 
-    def on_train_epoch_end(self, trainer: pl.Trainer) -> None:
-        if self.log_metrics:
-            log_histogram(trainer, "W_gc", self.W_gc)
-
-
-def log_histogram(trainer: pl.Trainer, name: str, values: torch.Tensor) -> None:
-    """A histogram of ``values`` to every logger that can draw one (TensorBoard); silent otherwise."""
-    if trainer is None or getattr(trainer, "global_rank", 0) != 0:
-        return
-    for logger in getattr(trainer, "loggers", None) or ():
-        experiment = getattr(logger, "experiment", None)
-        add_histogram = getattr(experiment, "add_histogram", None)
-        if callable(add_histogram):
-            add_histogram(name, values.detach().cpu(), global_step=trainer.global_step)
