@@ -92,6 +92,16 @@ def test_distance_matrix_is_symmetric_shortest_paths() -> None:
     assert dist.loc[NAIVE_CD4_T, B_CELL] > dist.loc[NAIVE_CD4_T, MEMORY_CD4_T]
 
 
+def test_the_cl_release_is_the_pinned_one() -> None:
+    """pyproject pins cellxgene-ontology-guide, which bundles CL: bumping it changes labels and hierarchy on purpose."""
+    from importlib.metadata import version
+
+    from cellarium_steps.ontology import ontology_version
+
+    assert version("cellxgene-ontology-guide") == "1.11.1"
+    assert ontology_version() == "CL v2026-03-26 (cellxgene schema 7.1.0)"
+
+
 def test_unknown_id_raises_naming_it_and_the_version() -> None:
     with pytest.raises(ValueError, match="'CL:9999999'") as err:
         validate_cl_names([CD4_T, "CL:9999999", "T cell"])
