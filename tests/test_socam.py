@@ -349,7 +349,9 @@ def small_labelled_shards(pbmc_multibatch: ad.AnnData, tmp_path_factory: pytest.
 def _predict(checkpoint: str, shards: list[str]) -> tuple[CellariumModule, list[dict]]:
     module = CellariumModule.from_checkpoint(checkpoint)
     module.eval()
-    datamodule = ShardDataModule(shards, batch_size=512)
+    data = module.recipe["data"]  # as the predict step reads the cells: with the batch coding the recipe names
+    datamodule = ShardDataModule(shards, batch_size=512, batch_key=data.get("batch_key"),
+                                 batch_categories=data.get("batch_categories"))
     trainer = build_trainer(devices=1, accelerator="cpu")
     return module, trainer.predict(module, datamodule=datamodule)
 
@@ -403,6 +405,60 @@ def test_default_epochs_aim_at_a_fixed_number_of_optimizer_steps() -> None:
     assert default_max_epochs(200_000, 1024) == math.ceil(DEFAULT_TRAINING_STEPS / 196)
     assert default_max_epochs(200_000, 1024, devices=2) == math.ceil(DEFAULT_TRAINING_STEPS / 98)
     assert default_max_epochs(100, 1024) == DEFAULT_MAX_EPOCHS_CAP
+
+
+def _labelled_accuracy(module: CellariumModule, predictions: list[dict], adata: ad.AnnData) -> float:
+    """Share of labelled cells whose highest-logit term is the label or one of its descendants."""
+    model = module.model
+    obs_names = np.concatenate([p["obs_names_n"] for p in predictions])
+    labels = adata.obs["cell_type_ontology_term_id"].astype(str).reindex(obs_names).to_numpy()
+    logits_nc = torch.cat([p["y_logits_nc"] for p in predictions])
+    labelled = labels != "unknown"
+    y = torch.tensor([model.active_cl_names.index(c) for c in labels[labelled]])
+    return float((model.active_descendant_tensor_cc[y, logits_nc[labelled].argmax(-1)] > 0).float().mean())
+
+
+@pytest.mark.slow
+def test_train_socam_on_pca_components_and_on_scvi_latents(small_labelled_shards, tmp_path: Path) -> None:
+    """The inputs are configurable: a fitted PCA's components or scVI's latent means instead of genes. The
+    feature pipeline travels in the checkpoint, stays frozen (batch norm in eval mode) and predict rebuilds it."""
+    shards, gene_file, adata = small_labelled_shards
+    pca = str(tmp_path / "pca.parquet")
+    run_cli("pca", "--input", *shards, "--genes", gene_file, "--n-components", "20", "--output", pca, "--quiet")
+    scvi = str(tmp_path / "scvi.ckpt")
+    run_cli("train-scvi", "--input", *shards, "--batch-key", "source", "--genes", gene_file, "--max-epochs", "3",
+            "--n-hidden", "32", "--n-latent", "8", "--batch-size", "256", "--accelerator", "cpu", "--output", scvi,
+            "--quiet")
+    scvi_module = CellariumModule.from_checkpoint(scvi)
+    for option, path, names in (("--pca", pca, [f"PC{i + 1}" for i in range(20)]),
+                                ("--scvi", scvi, [f"scvi_{i}" for i in range(8)])):
+        output = str(tmp_path / f"socam{option[2:]}.ckpt")
+        run_cli("train-socam", "--input", *shards, option, path, "--max-epochs", "20", "--learning-rate", "0.05",
+                "--batch-size", "512", "--output", output, "--quiet")
+        module, predictions = _predict(output, shards)
+        assert list(module.model.var_names_g) == names
+        features = module.transforms[0]
+        assert [type(t).__name__ for t in module.transforms] == ["ModelFeatures"]
+        assert not any(p.requires_grad for p in features.parameters())
+        if option == "--scvi":
+            # cells are read with scVI's batch coding, in training and in predict
+            assert module.recipe["data"]["batch_key"] == "source"
+            assert module.recipe["data"]["batch_categories"] == scvi_module.recipe["data"]["batch_categories"]
+            # the scVI weights and batch-norm statistics in the SOCAM checkpoint are the trained scVI's, untouched
+            for key, value in scvi_module.model.state_dict().items():
+                assert torch.equal(features.model.state_dict()[key], value), key
+        accuracy = _labelled_accuracy(module, predictions, adata)
+        print(f"\ntrain-socam {option}: {accuracy:.3f} of the labelled cells predicted as the label or a descendant")
+        assert accuracy > 0.5  # chance is well below 0.2
+        cells = str(tmp_path / f"cells{option[2:]}.parquet")
+        assert cli_main(["predict", "--checkpoint", output, "--input", *shards, "--output", cells, "--quiet"]) == 0
+        import pyarrow.dataset as ds
+
+        table = ds.dataset(cells).to_table()
+        assert table.num_rows == 2000 and "cell_type_ontology_term_id" in table.schema.names
+    code = cli_main(["train-socam", "--input", *shards, "--pca", pca, "--genes", gene_file,
+                     "--output", str(tmp_path / "x.ckpt")])
+    assert code == 2 and not (tmp_path / "x.ckpt").exists()
 
 
 def test_label_that_is_not_a_cl_id_fails_with_one_line(small_labelled_shards, tmp_path: Path, capsys) -> None:

@@ -14,7 +14,6 @@ from cellarium_steps.steps.train_socam import (
     label_data,
     plain_provenance,
     prepare_label_training,
-    transform_specs,
 )
 
 logger = logging.getLogger("cellarium_steps")
@@ -50,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     setup = prepare_label_training(args)
-    datamodule, genes, summary, var_names_g = setup.datamodule, setup.genes, setup.summary, setup.var_names_g
+    datamodule, summary, var_names_g = setup.datamodule, setup.summary, setup.var_names_g
     categories = summary.labels
     model_spec = spec(
         LogisticRegression, n_obs=summary.n_labelled, var_names_g=var_names_g, y_categories=categories,
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> None:
     )
     recipe = {
         "model": model_spec,
-        "transforms": transform_specs(args, genes),
-        "data": label_data(args, var_names_g, summary, prediction={
+        "transforms": setup.transform_specs(args),
+        "data": label_data(args, setup, prediction={
             "key": "y_logits_nc", "column": "y_logits", "dim": len(categories),
         }),
         "provenance": plain_provenance(NAME, args),
@@ -67,4 +66,5 @@ def run(args: argparse.Namespace) -> None:
     fit_and_write(
         args, datamodule, recipe,
         {"label_key": args.cell_type_key, "label_format": "codes", "categories": categories}, categories,
+        setup.features,
     )

@@ -39,6 +39,7 @@ from cellarium_steps.ontology import (
 from cellarium_steps.runner import AtomicCheckpointIO, CellariumModule, build_trainer
 from cellarium_steps.runner.local import device_count
 from cellarium_steps.runner.recipe import spec
+from cellarium_steps.steps._features import Features, pca_features, scvi_features
 from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
@@ -130,6 +131,13 @@ def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, 
                        help=f"Adam learning rate (default: {learning_rate:g})")
     group.add_argument("--target-count", type=float, default=1e4, metavar="N",
                        help="each cell's counts are scaled to this total before log1p (default: 1e4)")
+    features = group.add_mutually_exclusive_group()
+    features.add_argument("--pca", metavar="PATH",
+                          help="train on the cells' principal components instead of genes: the pca step's --output "
+                          "(its normalisation and genes come with it)")
+    features.add_argument("--scvi", metavar="CKPT",
+                          help="train on the cells' scVI latent means instead of genes: a train-scvi checkpoint "
+                          "(batches coded as it coded them; --batch-key defaults to its)")
     group.add_argument("--w-prior-scale", type=float, default=w_prior_scale, metavar="B",
                        help=f"scale of the Laplace prior on the weights; smaller is sparser (default: {w_prior_scale:g})")
     return group
@@ -159,6 +167,8 @@ def check_label_training_options(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be positive, got {getattr(args, name)}")
     if not str(args.output).endswith(".ckpt"):
         raise ConfigError(f"--output: the checkpoint path must end in .ckpt, got {args.output!r}")
+    if args.genes and (args.pca or args.scvi):
+        raise ConfigError(f"--genes does not combine with --{'pca' if args.pca else 'scvi'}: its own genes are used")
 
 
 # -- the label pass ----------------------------------------------------------------------------------------
@@ -288,7 +298,7 @@ class LabelledTrainingModule(CellariumModule):
 
 
 def fit_and_write(args: argparse.Namespace, datamodule: ShardDataModule, recipe: dict[str, Any],
-                  module_kwargs: dict[str, Any], classes: list[str]) -> None:
+                  module_kwargs: dict[str, Any], classes: list[str], features: Features | None = None) -> None:
     """Train, then write the checkpoint (atomically, recipe inside), the class table and provenance."""
     trainer = build_trainer(
         devices=args.devices, accelerator=args.accelerator, max_epochs=args.max_epochs, trainable=True,
@@ -298,6 +308,8 @@ def fit_and_write(args: argparse.Namespace, datamodule: ShardDataModule, recipe:
     module = LabelledTrainingModule.from_recipe(
         recipe, optim_kwargs={"lr": args.learning_rate}, seed=args.seed, **module_kwargs
     )
+    if features is not None:
+        module.transforms[0].load_state_dict(features.state)
     trainer.fit(module, datamodule=datamodule)
     trainer.save_checkpoint(args.output, weights_only=True)
     model = module.model
@@ -309,15 +321,21 @@ def fit_and_write(args: argparse.Namespace, datamodule: ShardDataModule, recipe:
         logger.info("wrote %s", args.output)
 
 
-def label_data(args: argparse.Namespace, var_names_g: list[str], summary: LabelSummary,
-               prediction: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's "data" entry: the inputs the model expects and the classes of its outputs."""
-    return {
-        "genes": var_names_g, "label_key": summary.key, "classes": summary.labels,
+def label_data(args: argparse.Namespace, setup: LabelTraining, prediction: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's "data" entry: the inputs the model expects and the classes of its outputs (and, for scVI
+    features, the batch coding predict must read the cells with)."""
+    summary = setup.summary
+    data = {
+        "genes": setup.var_names_g, "label_key": summary.key, "classes": summary.labels,
         "class_labels": term_labels(summary.labels), "label_counts": summary.counts,
         "n_labelled": summary.n_labelled, "ontology": ontology_version(),
         "target_count": float(args.target_count), "prediction": prediction,
     }
+    collection = setup.datamodule.collection
+    if setup.features is not None and setup.features.batch_categories is not None and collection.batch_key:
+        data["batch_key"] = collection.batch_key
+        data["batch_categories"] = [str(c) for c in collection.batch_categories]
+    return data
 
 
 def plain_provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -340,27 +358,42 @@ class LabelTraining:
     genes: list[str] | None
     summary: LabelSummary
     var_names_g: list[str]
+    features: Features | None = None
+
+    def transform_specs(self, args: argparse.Namespace) -> list[dict[str, Any]]:
+        return [self.features.transform_spec] if self.features is not None else transform_specs(args, self.genes)
 
 
 def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
     """Check options, open the shards, check --genes and scan the labels, all before the pass."""
     check_label_training_options(args)
+    features = pca_features(args.pca) if args.pca else scvi_features(args.scvi) if args.scvi else None
+    batch_key = args.batch_key or (features.batch_key if features is not None else None)
     datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, batch_key=args.batch_key, obs_columns=[args.cell_type_key],
+        args.input, batch_size=args.batch_size, batch_key=batch_key, obs_columns=[args.cell_type_key],
         num_workers=args.num_workers, shuffle=True, seed=args.seed,
+        batch_categories=features.batch_categories if features is not None and batch_key else None,
     )
     collection = datamodule.collection
-    genes = check_genes(args, collection)
+    if features is not None:
+        # The feature pipeline would find a missing gene at its first batch; find it before the pass.
+        missing = sorted(set(features.genes) - set(map(str, collection.var_names_g)))
+        if missing:
+            raise InputError(f"--{'pca' if args.pca else 'scvi'}: {len(missing)} of its {len(features.genes)} genes are "
+                             f"not in {collection.shards[0].path}, e.g. {missing[:5]}")
+        genes, var_names_g = None, list(features.names)
+    else:
+        genes = check_genes(args, collection)
+        var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
     summary = scan_labels(collection, args.cell_type_key)
     require_labels(summary, args.input)
-    var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
     if args.max_epochs is None:
         args.max_epochs = default_max_epochs(summary.n_cells, args.batch_size, device_count(args.devices, args.accelerator))
     logger.info(
         "%d of %d cells labelled with %d cell types; %d genes; %d epochs",
         summary.n_labelled, summary.n_cells, len(summary.labels), len(var_names_g), args.max_epochs,
     )
-    return LabelTraining(datamodule, genes, summary, var_names_g)
+    return LabelTraining(datamodule, genes, summary, var_names_g, features)
 
 
 #: the call is the most specific term whose propagated probability reaches this (see predict --help)
@@ -398,7 +431,7 @@ def run(args: argparse.Namespace) -> None:
     if args.top_k < 1:
         raise ConfigError(f"--top-k: must be at least 1, got {args.top_k}")
     setup = prepare_label_training(args)
-    datamodule, genes, summary, var_names_g = setup.datamodule, setup.genes, setup.summary, setup.var_names_g
+    datamodule, summary, var_names_g = setup.datamodule, setup.summary, setup.var_names_g
     cl_names = summary.labels
     descendant_cc = descendant_tensor(cl_names)
     model_spec = spec(
@@ -409,9 +442,10 @@ def run(args: argparse.Namespace) -> None:
     )
     recipe = {
         "model": model_spec,
-        "transforms": transform_specs(args, genes),
-        "data": label_data(args, var_names_g, summary, prediction=socam_prediction_spec(
+        "transforms": setup.transform_specs(args),
+        "data": label_data(args, setup, prediction=socam_prediction_spec(
             cl_names, descendant_cc, top_k=top_k_for(args, len(cl_names)))),
         "provenance": plain_provenance(NAME, args),
     }
-    fit_and_write(args, datamodule, recipe, {"label_key": args.cell_type_key, "label_format": "names"}, cl_names)
+    fit_and_write(args, datamodule, recipe, {"label_key": args.cell_type_key, "label_format": "names"}, cl_names,
+                  setup.features)

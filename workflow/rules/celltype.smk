@@ -1,8 +1,17 @@
-# SOCAM: an ontology-aware cell type classifier trained on the config's cell_type_key labels.
+# SOCAM: an ontology-aware cell type classifier trained on the config's cell_type_key labels, on the
+# HVGs (default), the PCA components or the scVI latent means (train_socam.features).
+SOCAM_FEATURES = (config.get("train_socam") or {}).get("features", "genes")
+SOCAM_FEATURE_INPUTS = {
+    "genes": ("--genes", rules.hvg.output.csv),
+    "pca": ("--pca", rules.pca.output.components),
+    "scvi": ("--scvi", rules.train_scvi.output.checkpoint),
+}
+
+
 rule train_socam:
     input:
         shards=shard_inputs,
-        genes=rules.hvg.output.csv,
+        features=SOCAM_FEATURE_INPUTS[SOCAM_FEATURES][1],
     output:
         checkpoint=f"{RESULTS}/socam/socam.ckpt",
         classes=f"{RESULTS}/socam/socam.ckpt.classes.csv",
@@ -18,9 +27,10 @@ rule train_socam:
         shards=shard_args,
         cell_type_key=cell_type_key_option(),
         common=common_options(),
-        options=step_options("train_socam"),
+        features=SOCAM_FEATURE_INPUTS[SOCAM_FEATURES][0],
+        options=step_options("train_socam", exclude=("features",)),
     shell:
-        "cellarium-steps train-socam --input {params.shards} {params.cell_type_key} --genes {input.genes}"
+        "cellarium-steps train-socam --input {params.shards} {params.cell_type_key} {params.features} {input.features}"
         " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
 
 

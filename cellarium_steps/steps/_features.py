@@ -1,0 +1,83 @@
+"""Inputs of the label-trained steps other than genes: a fitted PCA's components or scVI's latent means."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cellarium_steps.data.errors import InputError
+from cellarium_steps.models.incremental_pca import component_names
+from cellarium_steps.runner.features import ModelFeatures
+from cellarium_steps.runner.recipe import spec
+from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
+
+
+@dataclass
+class Features:
+    """The feature transform's recipe spec, its weights, the feature names and what the data must match."""
+
+    transform_spec: dict[str, Any]
+    state: dict[str, torch.Tensor]
+    names: list[str]
+    genes: list[str]
+    batch_key: str | None = None
+    batch_categories: list[str] | None = None
+
+
+def pca_features(path: str) -> Features:
+    """The pca step's output (its Parquet, or the ``<stem>.pt`` beside it): cells -> PC1..PCk."""
+    from cellarium_steps.steps.pca import STATE_FORMAT, output_paths
+
+    state_path = Path(path) if str(path).endswith(".pt") else output_paths(str(path))["state"]
+    if not state_path.is_file():
+        raise InputError(f"--pca {path}: no fitted PCA at {state_path} (give the pca step's --output)")
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"--pca {state_path}: not a PCA model written by cellarium-steps pca")
+    config, genes = state["config"], [str(g) for g in state["var_names_g"]]
+    model_args: dict[str, Any] = {"var_names_g": genes, "n_components": int(config["n_components"])}
+    if state["model"] == "IncrementalPCA":
+        model_args["svd_lowrank_niter"] = int(config["svd_lowrank_niter"])
+    model_class = _pca_class(state["model"])
+    # The transforms the PCA was fitted after, in the pca step's order (see steps/pca.py build_transforms).
+    transforms = [spec(Filter, filter_list=genes)] if config["genes_filtered"] else []
+    transforms.append(spec(NormalizeTotal, target_count=float(config["target_count"])))
+    if config["log1p"]:
+        transforms.append(spec(Log1p))
+    transform_spec = spec(ModelFeatures, model=spec(model_class, **model_args), transforms=transforms,
+                          feature_prefix="PC")
+    features = ModelFeatures(**transform_spec["init_args"])
+    features.model.load_state_dict(state["state_dict"])
+    return Features(transform_spec, features.state_dict(), component_names(int(config["n_components"])).tolist(), genes)
+
+
+def scvi_features(path: str) -> Features:
+    """A train-scvi checkpoint: cells -> the latent means scvi_0..scvi_{k-1}, batches coded as scVI coded them."""
+    from cellarium_steps.models.scvi import SingleCellVariationalInference
+    from cellarium_steps.runner import CellariumModule
+
+    try:
+        trained = CellariumModule.from_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--scvi {path}: {e}") from None
+    if not isinstance(trained.model, SingleCellVariationalInference):
+        raise InputError(f"--scvi {path}: a {type(trained.model).__name__} checkpoint, not train-scvi's")
+    recipe = trained.recipe
+    transform_spec = spec(ModelFeatures, model=recipe["model"], transforms=recipe.get("transforms", []),
+                          feature_prefix="scvi_")
+    features = ModelFeatures(**transform_spec["init_args"])
+    features.model.load_state_dict(trained.model.state_dict())
+    features.transforms.load_state_dict(trained.transforms.state_dict())
+    data = recipe.get("data", {})
+    return Features(transform_spec, features.state_dict(), [f"scvi_{i}" for i in range(trained.model.n_latent)],
+                    [str(g) for g in trained.model.var_names_g], batch_key=data.get("batch_key"),
+                    batch_categories=data.get("batch_categories"))
+
+
+def _pca_class(name: str) -> type:
+    from cellarium_steps.models import ExactPCA, IncrementalPCA
+
+    return {"ExactPCA": ExactPCA, "IncrementalPCA": IncrementalPCA}[name]
