@@ -390,8 +390,9 @@ def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
     if args.max_epochs is None:
         args.max_epochs = default_max_epochs(summary.n_cells, args.batch_size, device_count(args.devices, args.accelerator))
     logger.info(
-        "%d of %d cells labelled with %d cell types; %d genes; %d epochs",
-        summary.n_labelled, summary.n_cells, len(summary.labels), len(var_names_g), args.max_epochs,
+        "%d of %d cells labelled with %d cell types; %d %s; %d epochs",
+        summary.n_labelled, summary.n_cells, len(summary.labels), len(var_names_g),
+        "genes" if features is None else f"features ({'PCA' if args.pca else 'scVI latent'})", args.max_epochs,
     )
     return LabelTraining(datamodule, genes, summary, var_names_g, features)
 
