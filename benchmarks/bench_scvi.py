@@ -167,6 +167,7 @@ def worker_ours_throughput(spec: dict) -> dict:
     datamodule = ShardDataModule(inputs, batch_size=spec["batch_size"], batch_key=BATCH_KEY, shuffle=True, seed=0,
                                  num_workers=spec.get("num_workers", 0))
     genes = read_gene_list(spec["genes"])
+    datamodule.select_genes(genes)  # as train-scvi: the loader reads only the HVG columns
     encoder, decoder = scvi_tools_default_architecture(N_HIDDEN, 1)
     recipe = {
         "model": recipe_spec(

@@ -74,6 +74,30 @@ def test_batch_contents_match_the_files(shard_dir: Path) -> None:
     assert batches[0]["var_names_g"].tolist() == GENES
 
 
+def test_genes_selected_where_the_rows_are_read(shard_dir: Path) -> None:
+    """select_genes: the batches carry those columns in that order (workers send only them), the totals still
+    sum every gene, and the Filter transform downstream passes them through unchanged."""
+    from cellarium_steps.transforms import Filter
+
+    collection = open_shards([str(shard_dir / f"s{i}.h5ad") for i in range(3)])
+    full = ad.concat([ad.read_h5ad(shard_dir / f"s{i}.h5ad") for i in range(3)])
+    genes = [GENES[3], GENES[0], GENES[5]]  # not in file order
+    dataset = ShardedCellDataset(collection, batch_size=30, shuffle=True, seed=1)
+    dataset.select_genes(genes)
+    batches = list(DataLoader(dataset, batch_size=None, num_workers=2, collate_fn=collate_identity))
+    names = np.concatenate([b["obs_names_n"] for b in batches])
+    rows = full.obs_names.get_indexer(names)
+    x = np.concatenate([b["x_ng"].to_dense().numpy() for b in batches])
+    np.testing.assert_array_equal(x, full[:, genes].X.toarray()[rows])
+    totals = np.concatenate([b["total_mrna_umis_n"].numpy() for b in batches])
+    np.testing.assert_allclose(totals, np.asarray(full.X.sum(1)).ravel()[rows])
+    assert all(b["var_names_g"].tolist() == genes for b in batches)
+    out = Filter(genes)(batches[0]["x_ng"], batches[0]["var_names_g"])
+    assert out["x_ng"] is batches[0]["x_ng"] and out["var_names_g"].tolist() == genes
+    with pytest.raises(InputError, match="NOT_A_GENE"):
+        dataset.select_genes([GENES[0], "NOT_A_GENE"])
+
+
 def test_batch_codes_consistent_when_shards_drop_unused_categories(tmp_path: Path) -> None:
     make_adata(10, GENES, ["z"], prefix="x").write_h5ad(tmp_path / "s0.h5ad")
     make_adata(10, GENES, ["a", "z"], prefix="y").write_h5ad(tmp_path / "s1.h5ad")

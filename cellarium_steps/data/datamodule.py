@@ -37,6 +37,10 @@ class ShardDataModule(pl.LightningDataModule):
             self.collection, batch_size=batch_size, shuffle=shuffle, seed=seed, require_counts=require_counts
         )
 
+    def select_genes(self, genes: Sequence[str]) -> None:
+        """Read only these genes (see :meth:`ShardedCellDataset.select_genes`)."""
+        self.dataset.select_genes(genes)
+
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             self.dataset.set_distributed(self.trainer.global_rank, self.trainer.world_size)

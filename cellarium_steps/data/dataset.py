@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +12,7 @@ import scipy.sparse as sp
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.plan import BatchPiece, EpochPlan
 from cellarium_steps.data.reader import ShardReader
 from cellarium_steps.data.shards import Shard, ShardCollection
@@ -55,9 +56,14 @@ class ShardedCellDataset(IterableDataset):
         shuffle_block_size: int = 16,
         shuffle_window: int = 4096,
         with_totals: bool = True,
+        genes: Sequence[str] | None = None,
     ):
         self.collection = collection
         self.with_totals = with_totals
+        self.gene_index: np.ndarray | None = None
+        self.var_names_g = collection.var_names_g
+        if genes is not None:
+            self.select_genes(genes)
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.seed = seed
@@ -67,6 +73,20 @@ class ShardedCellDataset(IterableDataset):
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
+
+    def select_genes(self, genes: Sequence[str]) -> None:
+        """Batches carry only these genes, in this order (``total_mrna_umis_n`` still sums all genes).
+
+        Selecting where the rows are read (in the loader workers) sends only those columns to the
+        training process, and its gene filter then has nothing left to do.
+        """
+        position = {str(name): i for i, name in enumerate(self.collection.var_names_g)}
+        missing = [str(g) for g in genes if str(g) not in position]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(genes)} genes asked for are not in "
+                             f"{self.collection.shards[0].path}, e.g. {missing[:5]}")
+        self.gene_index = np.array([position[str(g)] for g in genes], dtype=np.int64)
+        self.var_names_g = np.asarray([str(g) for g in genes], dtype=object)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -124,14 +144,18 @@ class ShardedCellDataset(IterableDataset):
 
     def _to_batch(self, blocks: list[_RowBlock]) -> BatchDict:
         x = blocks[0].x if len(blocks) == 1 else sp.vstack([b.x for b in blocks], format="csr")
+        total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() if self.with_totals else None
+        if self.gene_index is not None:
+            x = x[:, self.gene_index]
+            x.sort_indices()
         batch: BatchDict = {
             "x_ng": csr_to_torch(x),
-            "var_names_g": self.collection.var_names_g,
+            "var_names_g": self.var_names_g,
             "obs_names_n": np.concatenate([b.obs_names for b in blocks]),
             "batch_index_n": torch.from_numpy(np.concatenate([b.batch_codes for b in blocks])),
         }
-        if self.with_totals:
-            batch["total_mrna_umis_n"] = torch.from_numpy(np.asarray(x.sum(axis=1, dtype=np.float64)).ravel()).float()
+        if total_n is not None:
+            batch["total_mrna_umis_n"] = torch.from_numpy(total_n).float()
         for key in self.collection.obs_columns:
             batch[f"{key}_n"] = np.concatenate([b.columns[key] for b in blocks])
         return batch

@@ -245,6 +245,10 @@ class ScviDataModule(ShardDataModule):
             require_counts=self.dataset.require_counts,
         )
 
+    def select_genes(self, genes: Sequence[str]) -> None:
+        super().select_genes(genes)
+        self.val_dataset.select_genes(genes)
+
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         if self.trainer is not None:
@@ -303,6 +307,8 @@ def run(args: argparse.Namespace) -> None:
         cell_types = summary.labels
     genes = selected_genes(args.genes, collection.var_names_g, collection.shards[0].path)
     var_names_g = np.asarray(genes if genes is not None else collection.var_names_g)
+    if genes is not None:
+        datamodule.select_genes(genes)
     n_batch = collection.n_batch if args.batch_key else 1
 
     checkpointing, resume_from = epoch_checkpointing(args.output)

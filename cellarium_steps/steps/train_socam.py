@@ -385,6 +385,8 @@ def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
     else:
         genes = check_genes(args, collection)
         var_names_g = list(genes) if genes is not None else [str(g) for g in collection.var_names_g]
+        if genes is not None:
+            datamodule.select_genes(genes)  # totals for NormalizeTotal still sum every gene
     summary = scan_labels(collection, args.cell_type_key)
     require_labels(summary, args.input)
     if args.max_epochs is None:

@@ -40,5 +40,10 @@ class Filter(nn.Module):
         return self._cache[1]
 
     def forward(self, x_ng: torch.Tensor, var_names_g: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
+        if var_names_g is self.filter_list or (
+            len(var_names_g) == len(self.filter_list) and np.array_equal(var_names_g, self.filter_list)
+        ):
+            # Already these genes in this order (the data layer selected them where it read the rows).
+            return {"x_ng": x_ng, "var_names_g": self.filter_list}
         index_k = self.column_index(var_names_g).to(x_ng.device)
         return {"x_ng": select_columns(x_ng, index_k), "var_names_g": self.filter_list}
