@@ -353,9 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing", choices=("wall", "cpu"), default="wall",
                         help="speed-ups from wall time (default) or from the processes' CPU time, steadier on a "
                         "machine shared with other jobs (use with --threads 1)")
-    parser.add_argument("--stream-workers", type=int, default=1,
+    parser.add_argument("--stream-workers", type=int, default=0,
                         help="streaming: DataLoader worker processes reading the shards (train-scvi --num-workers; "
-                        "default: 1, reading overlaps training); with --timing cpu their CPU time is not counted")
+                        "default: 0, train-scvi's default; on 2 cores a worker process competes with the training "
+                        "threads); with --timing cpu their CPU time is not counted")
     parser.add_argument("--seeds", type=int, default=3,
                         help="quality: training seeds per side, compared by their means (default: 3); the 15-NN "
                         "accuracy of one seed varies by ~0.02")
