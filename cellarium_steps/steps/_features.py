@@ -12,7 +12,6 @@ from cellarium_steps.data.errors import InputError
 from cellarium_steps.models.incremental_pca import component_names
 from cellarium_steps.runner.features import ModelFeatures
 from cellarium_steps.runner.recipe import spec
-from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
 
 @dataclass
@@ -29,26 +28,20 @@ class Features:
 
 def pca_features(path: str) -> Features:
     """The pca step's output (its Parquet, or the ``<stem>.pt`` beside it): cells -> PC1..PCk."""
-    from cellarium_steps.steps.pca import STATE_FORMAT, output_paths
+    from cellarium_steps.steps.pca import output_paths, read_pca_state, transform_specs
 
     state_path = Path(path) if str(path).endswith(".pt") else output_paths(str(path))["state"]
     if not state_path.is_file():
         raise InputError(f"--pca {path}: no fitted PCA at {state_path} (give the pca step's --output)")
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InputError(f"--pca {state_path}: not a PCA model written by cellarium-steps pca")
+    state = read_pca_state(state_path)
     config, genes = state["config"], [str(g) for g in state["var_names_g"]]
     model_args: dict[str, Any] = {"var_names_g": genes, "n_components": int(config["n_components"])}
     if state["model"] == "IncrementalPCA":
         model_args["svd_lowrank_niter"] = int(config["svd_lowrank_niter"])
-    model_class = _pca_class(state["model"])
-    # The transforms the PCA was fitted after, in the pca step's order (see steps/pca.py build_transforms).
-    transforms = [spec(Filter, filter_list=genes)] if config["genes_filtered"] else []
-    transforms.append(spec(NormalizeTotal, target_count=float(config["target_count"])))
-    if config["log1p"]:
-        transforms.append(spec(Log1p))
-    transform_spec = spec(ModelFeatures, model=spec(model_class, **model_args), transforms=transforms,
-                          feature_prefix="PC")
+    transform_spec = spec(
+        ModelFeatures, model=spec(_pca_class(state["model"]), **model_args), feature_prefix="PC",
+        transforms=transform_specs(config["target_count"], config["log1p"], genes if config["genes_filtered"] else None),
+    )
     features = ModelFeatures(**transform_spec["init_args"])
     features.model.load_state_dict(state["state_dict"])
     return Features(transform_spec, features.state_dict(), component_names(int(config["n_components"])).tolist(), genes)

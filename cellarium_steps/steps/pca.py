@@ -22,6 +22,7 @@ from cellarium_steps.export import write_json_atomically
 from cellarium_steps.export.tables import PROVENANCE_KEY
 from cellarium_steps.models import ExactPCA, IncrementalPCA
 from cellarium_steps.runner import fit_statistics
+from cellarium_steps.runner.recipe import instantiate, spec
 from cellarium_steps.steps.common import add_common_arguments, provenance_json, read_gene_list
 from cellarium_steps.transforms import Filter, Log1p, NormalizeTotal
 
@@ -112,15 +113,19 @@ def resolve_method(method: str, n_genes: int, exact_max_genes: int) -> str:
     return method
 
 
-def build_transforms(target_count: float, log1p: bool, genes: list[str] | None) -> list[nn.Module]:
+def transform_specs(target_count: float, log1p: bool, genes: list[str] | None) -> list[dict[str, Any]]:
     """Filter first: the per-cell scale uses each cell's total over all genes (from the data
     layer), and the other transforms act entry by entry, so the result equals
     normalise -> log1p -> filter while touching only the kept genes' entries."""
-    transforms: list[nn.Module] = [Filter(genes)] if genes is not None else []
-    transforms.append(NormalizeTotal(target_count))
+    specs = [spec(Filter, filter_list=list(genes))] if genes is not None else []
+    specs.append(spec(NormalizeTotal, target_count=float(target_count)))
     if log1p:
-        transforms.append(Log1p())
-    return transforms
+        specs.append(spec(Log1p))
+    return specs
+
+
+def build_transforms(target_count: float, log1p: bool, genes: list[str] | None) -> list[nn.Module]:
+    return [instantiate(s) for s in transform_specs(target_count, log1p, genes)]
 
 
 def run(args: argparse.Namespace) -> None:
@@ -262,6 +267,14 @@ def write_outputs(model: ExactPCA | IncrementalPCA, output: str, config: dict[st
     write_json_atomically(meta, paths["provenance"])
 
 
+def read_pca_state(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The ``<stem>.pt`` file write_outputs wrote: model class, genes, config and state dict."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise InputError(f"{path}: not a PCA model written by cellarium-steps pca")
+    return state
+
+
 def load_pca(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[ExactPCA | IncrementalPCA, list[nn.Module]]:
@@ -270,9 +283,7 @@ def load_pca(
     ``CellariumModule(model, transforms)`` then embeds new cells with ``trainer.predict``. The
     gene filter is rebuilt from the model's genes when the fit used a gene list.
     """
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise InputError(f"{path}: not a PCA model written by cellarium-steps pca")
+    state = read_pca_state(path, map_location)
     config = state["config"]
     var_names_g = np.asarray(state["var_names_g"], dtype=object)
     model: ExactPCA | IncrementalPCA

@@ -24,6 +24,7 @@ from cellarium_steps.runner import CellariumModule, build_trainer, epoch_checkpo
 from cellarium_steps.runner.recipe import RECIPE_KEY, load_checkpoint, spec
 from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
 from cellarium_steps.steps.train_socam import require_labels, scan_labels
+from cellarium_steps.transforms._sparse import select_rows
 from cellarium_steps.transforms.filter import Filter
 
 logger = logging.getLogger("cellarium_steps")
@@ -210,7 +211,7 @@ def select_cells(batch: dict[str, Any], keep_n: np.ndarray) -> dict[str, Any]:
     x_ng = batch["x_ng"]
     index_n = torch.from_numpy(np.flatnonzero(keep_n)).to(x_ng.device)
     if x_ng.layout == torch.sparse_csr:
-        x_ng = csr_rows(x_ng, index_n)
+        x_ng = select_rows(x_ng, index_n)
     else:
         x_ng = x_ng[index_n]
     out = {**batch, "x_ng": x_ng}
@@ -218,21 +219,6 @@ def select_cells(batch: dict[str, Any], keep_n: np.ndarray) -> dict[str, Any]:
         if key.endswith("_n"):
             out[key] = value[index_n.to(value.device)] if isinstance(value, torch.Tensor) else value[index_n.cpu().numpy()]
     return out
-
-
-def csr_rows(x_ng: torch.Tensor, index_m: torch.Tensor) -> torch.Tensor:
-    """Rows ``index_m`` of a sparse CSR tensor, with torch operations only (so also on CUDA)."""
-    crow = x_ng.crow_indices()
-    start_m = crow[index_m]
-    count_m = crow[index_m + 1] - start_m
-    crow_m1 = torch.zeros(len(index_m) + 1, dtype=crow.dtype, device=crow.device)
-    torch.cumsum(count_m, 0, out=crow_m1[1:])
-    total = int(crow_m1[-1])
-    # Entry e of the new matrix sits at offset (e - its row's new start) after its row's old start.
-    offset_e = torch.arange(total, dtype=crow.dtype, device=crow.device) - torch.repeat_interleave(crow_m1[:-1], count_m)
-    position_e = torch.repeat_interleave(start_m, count_m) + offset_e
-    return torch.sparse_csr_tensor(crow_m1, x_ng.col_indices()[position_e], x_ng.values()[position_e],
-                                   size=(len(index_m), x_ng.shape[1]))
 
 
 class ScviDataModule(ShardDataModule):

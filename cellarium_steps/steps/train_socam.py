@@ -376,11 +376,7 @@ def prepare_label_training(args: argparse.Namespace) -> LabelTraining:
     )
     collection = datamodule.collection
     if features is not None:
-        # The feature pipeline would find a missing gene at its first batch; find it before the pass.
-        missing = sorted(set(features.genes) - set(map(str, collection.var_names_g)))
-        if missing:
-            raise InputError(f"--{'pca' if args.pca else 'scvi'}: {len(missing)} of its {len(features.genes)} genes are "
-                             f"not in {collection.shards[0].path}, e.g. {missing[:5]}")
+        Filter(features.genes).column_index(collection.var_names_g)  # a missing gene fails now, not mid-pass
         genes, var_names_g = None, list(features.names)
     else:
         genes = check_genes(args, collection)

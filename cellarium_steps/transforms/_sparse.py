@@ -1,4 +1,4 @@
-"""Elementwise and column operations that keep a sparse CSR batch sparse."""
+"""Elementwise, row and column operations that keep a sparse CSR batch sparse."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def scale_rows(x_ng: torch.Tensor, scale_n: torch.Tensor) -> torch.Tensor:
         scale_e = torch.repeat_interleave(scale_n.to(x_ng.values().dtype), crow.diff().long())
         return _csr(crow, x_ng.col_indices(), x_ng.values() * scale_e, x_ng.shape)
     return x_ng * scale_n[:, None].to(x_ng.dtype)
+
+
+def select_rows(x_ng: torch.Tensor, index_m: torch.Tensor) -> torch.Tensor:
+    """Rows ``index_m`` of a sparse CSR tensor, with torch operations only (so also on CUDA)."""
+    crow = x_ng.crow_indices()
+    start_m = crow[index_m]
+    count_m = crow[index_m + 1] - start_m
+    crow_m1 = torch.zeros(len(index_m) + 1, dtype=crow.dtype, device=crow.device)
+    torch.cumsum(count_m, 0, out=crow_m1[1:])
+    # Entry e of the new matrix sits at offset (e - its row's new start) after its row's old start.
+    offset_e = torch.arange(int(crow_m1[-1]), dtype=crow.dtype, device=crow.device) - torch.repeat_interleave(
+        crow_m1[:-1], count_m
+    )
+    position_e = torch.repeat_interleave(start_m, count_m) + offset_e
+    return _csr(crow_m1, x_ng.col_indices()[position_e], x_ng.values()[position_e],
+                torch.Size((len(index_m), x_ng.shape[1])))
 
 
 def select_columns(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
