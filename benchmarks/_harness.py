@@ -30,7 +30,11 @@ SOURCE_FILE = "pbmc_multibatch_15493x7152_raw.h5ad"
 OBS_COLUMNS = ("batch", "source", "cell_type_ontology_term_id", "cell_type")
 SHARED_DATA_ENV = "CELLARIUM_SHARED_DATA"
 
-POLL_SECONDS = 0.05
+# Reading one process's PSS walks its page tables (about 12 ms for a 600 MB process, holding its
+# memory-map lock): every 50 ms, that took a fifth of a core from the measured command, on 2 cores
+# mostly from whichever side runs two threads. The single largest process's peak comes from the
+# kernel (wait4) whatever the interval.
+POLL_SECONDS = 0.5
 _STDERR_TAIL_CHARS = 4000
 
 
@@ -136,7 +140,7 @@ def measure(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> dict:
     """Run ``cmd``; return its wall time and the peak RSS of its whole process tree.
 
     The tree (the command and every descendant, e.g. DataLoader workers and DDP ranks) is
-    sampled with psutil every 50 ms and the PSS of its members summed; ``peak_rss_mb`` is the
+    sampled with psutil every ``POLL_SECONDS`` and the PSS of its members summed; ``peak_rss_mb`` is the
     largest sum seen. ``max_single_rss_mb`` is the kernel's high-water mark of the single largest process
     (from ``wait4``), which also catches spikes shorter than a sampling interval.
     Raises ``CommandFailed`` (a ``RuntimeError``) with the tail of its stderr if the command exits non-zero.

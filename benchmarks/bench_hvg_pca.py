@@ -6,7 +6,9 @@ Reproduce the full benchmark (from the repository root, on an otherwise idle mac
 
 For each size, shards resampled from the real multi-batch PBMC file (cached under
 ``benchmarks/out/shards_{cells}/``, batch key ``source``) are processed by these commands, each in
-a fresh subprocess after an untimed warm-up run (so every one reads from the page cache):
+a fresh subprocess after an untimed warm-up run (so every one reads from the page cache), then
+timed ``--repeats`` times (default 3), all commands in turn each round so that a slow spell of a
+shared machine hits both tools; the table gives the median wall time and every run's:
 
 ours (streaming, one shard batch at a time; outputs under ``benchmarks/out/hvg_pca_{cells}/``)
     1. ``cellarium-steps mean-var --batch-key source``                        row "mean-var"
@@ -28,9 +30,9 @@ Agreement checks (printed; the script exits 1 after the table if one fails):
           population variance (ddof=0) from an exact covariance, scanpy's ``uns["pca"]["variance"]``
           uses ddof=1 and an iterative (arpack) solver, so ours x n/(n-1) is compared to scanpy's.
 
-Then one table: step, tool, cells, wall time, peak memory (PSS summed over the whole process
-tree), and the ratio of our wall time to scanpy's (HVG given mean/var and HVG two passes vs scanpy
-HVG; PCA vs scanpy PCA), in text and markdown. ``--also-cells`` adds a second, larger size to show
+Then one table: step, tool, cells, median wall time, each run's, peak memory (the largest PSS
+summed over the whole process tree), and the ratio of the medians, ours to scanpy's (HVG given
+mean/var and HVG two passes vs scanpy HVG; PCA vs scanpy PCA), in text and markdown. ``--also-cells`` adds a second, larger size to show
 that our peak memory stays flat as cells grow; ``--skip-reference-large`` runs only our side there.
 """
 
@@ -149,20 +151,52 @@ def failed_checks(checks: dict[str, float]) -> dict[str, float]:
     return {name: value for name, value in checks.items() if not ok(name, value)}
 
 
-def run_job(label: str, cmd: list[str], outputs: list[Path], warmup: bool) -> dict:
-    """Warm up (optional), remove the outputs so the checked ones are the timed run's, then measure."""
-    print(f"[bench] {label} ...", file=sys.stderr)
+def run_jobs(jobs: list[tuple[str, list[str], list[Path], bool]], warmup: bool, repeats: int) -> dict[str, dict | str]:
+    """Time each job ``repeats`` times, the jobs interleaved so that a slow spell of a shared machine
+    hits every tool, after one untimed warm-up each; the outputs are removed before each run so the
+    checked ones are the last timed run's. Per job: the median wall time, the largest peak memory,
+    and every wall time. A job whose ``may_fail`` is set (the in-memory reference, which may run out
+    of memory at large sizes) is reported by how it failed instead of aborting."""
+    results: dict[str, dict | str] = {}
+    walls: dict[str, list[float]] = {label: [] for label, *_ in jobs}
+    runs: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
     if warmup:
-        warm_up(cmd)
-    for path in outputs:
-        path.unlink(missing_ok=True)
-    res = measure(cmd)
-    print(
-        f"[bench] {label}: {res['wall_s']:.2f} s, peak tree PSS {res['peak_rss_mb']:,.0f} MB "
-        f"(largest single process {res['max_single_rss_mb']:,.0f} MB)",
-        file=sys.stderr,
-    )
-    return res
+        for label, cmd, _, may_fail in jobs:
+            print(f"[bench] {label}: warm-up", file=sys.stderr)
+            try:
+                warm_up(cmd)
+            except CommandFailed as e:
+                if not may_fail:
+                    raise
+                results[label] = e.how
+    for repeat in range(repeats):
+        for label, cmd, outputs, may_fail in jobs:
+            if label in results:
+                continue
+            for path in outputs:
+                path.unlink(missing_ok=True)
+            try:
+                res = measure(cmd)
+            except CommandFailed as e:
+                if not may_fail:
+                    raise
+                print(f"[bench] {label} failed:\n{e}", file=sys.stderr)
+                results[label] = e.how
+                continue
+            walls[label].append(res["wall_s"])
+            runs[label].append(res)
+            print(f"[bench] {label} (run {repeat + 1}/{repeats}): {res['wall_s']:.2f} s, peak tree PSS "
+                  f"{res['peak_rss_mb']:,.0f} MB (largest single process {res['max_single_rss_mb']:,.0f} MB)",
+                  file=sys.stderr)
+    for label, *_ in jobs:
+        if label not in results:
+            results[label] = {
+                "wall_s": float(np.median(walls[label])),
+                "walls": walls[label],
+                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
+                "max_single_rss_mb": max(r["max_single_rss_mb"] for r in runs[label]),
+            }
+    return results
 
 
 def run_size(args: argparse.Namespace, n_cells: int, with_reference: bool) -> tuple[list[dict], dict[str, float]]:
@@ -200,18 +234,15 @@ def run_size(args: argparse.Namespace, n_cells: int, with_reference: bool) -> tu
                     "--n-components", str(args.n_components), "--output", str(ref_pca_npz)], [ref_pca_npz]),
     ]  # fmt: skip
 
-    ours: dict[str, dict] = {}
-    for step, cmd, outputs in ours_jobs:
-        ours[step] = run_job(f"{n_cells:,} cells: {OURS} {step}", cmd, outputs, args.warmup)
-    refs: dict[str, dict | str] = {}
+    def label(tool: str, step: str) -> str:
+        return f"{n_cells:,} cells: {tool} {step}"
+
+    jobs = [(label(OURS, step), cmd, outputs, False) for step, cmd, outputs in ours_jobs]
     if with_reference:
-        for step, cmd, outputs in ref_jobs:
-            try:
-                refs[step] = run_job(f"{n_cells:,} cells: {SCANPY} {step}", cmd, outputs, args.warmup)
-            except CommandFailed as e:
-                # The in-memory reference may run out of memory at large sizes; report it, don't abort.
-                print(f"[bench] reference {step} failed at {n_cells:,} cells:\n{e}", file=sys.stderr)
-                refs[step] = e.how
+        jobs += [(label(SCANPY, step), cmd, outputs, True) for step, cmd, outputs in ref_jobs]
+    results = run_jobs(jobs, args.warmup, args.repeats)
+    ours = {step: results[label(OURS, step)] for step, _, _ in ours_jobs}
+    refs = {step: results[label(SCANPY, step)] for step, _, _ in ref_jobs} if with_reference else {}
 
     checks = check_hvg(hvg_given_csv, hvg_two_csv, ref_hvg_csv if isinstance(refs.get(STEP_HVG_REF), dict) else None)
     if isinstance(refs.get(STEP_PCA), dict):
@@ -228,10 +259,10 @@ def run_size(args: argparse.Namespace, n_cells: int, with_reference: bool) -> tu
 
     def row(step: str, tool: str, res: dict | str, ratio_value: float | None = None) -> dict:
         if isinstance(res, dict):
-            wall, mem = res["wall_s"], res["peak_rss_mb"]
+            wall, mem, each = res["wall_s"], res["peak_rss_mb"], " ".join(f"{w:.1f}" for w in res["walls"])
         else:
-            tool, wall, mem = f"{tool} (failed: {res})", None, None
-        return {"step": step, "tool": tool, "cells": n_cells, "wall s": wall, "peak mem MB": mem,
+            tool, wall, mem, each = f"{tool} (failed: {res})", None, None, ""
+        return {"step": step, "tool": tool, "cells": n_cells, "wall s": wall, "runs s": each, "peak mem MB": mem,
                 "ours/scanpy wall": ratio_value}  # fmt: skip
 
     rows = [
@@ -284,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run each command once untimed first, so all read from the page cache (default: on)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3,
+        help="timed runs of each command, interleaved across tools; the median is reported (default: 3)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the resampled shards (default: 0)")
     args = parser.parse_args(argv)

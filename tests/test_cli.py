@@ -96,3 +96,18 @@ def test_simulate_then_mean_var(tmp_path: Path) -> None:
             "--output", str(output), "--accelerator", "cpu", "--num-workers", "2", "--batch-size", "100")
     summary = pd.read_csv(output)
     assert len(summary) == 50 and (summary["var"] > 0).any()
+
+
+def test_console_script_exit_keeps_logs_and_files_complete(tmp_path: Path) -> None:
+    """The console script skips the interpreter's teardown: its last log line and every file it
+    wrote (HDF5 here, whose library would flush at a normal exit) must still be complete."""
+    out = tmp_path / "sim"
+    result = run_cli("simulate", "--output", str(out), "--n-cells", "300", "--n-genes", "50", "--n-shards", "2")
+    assert result.returncode == 0
+    assert f"wrote 2 shards to {out}" in result.stderr.strip().splitlines()[-1]
+    shards = sorted(out.glob("*.h5ad"))
+    assert len(shards) == 2
+    assert sum(ad.read_h5ad(path).n_obs for path in shards) == 300
+    failed = run_cli("mean-var", "--input", str(tmp_path / "missing.h5ad"), "--output", str(tmp_path / "o.csv"),
+                     check=False)
+    assert failed.returncode == 2 and "missing.h5ad" in failed.stderr

@@ -86,9 +86,7 @@ class ExactPCA(CellariumModel, PredictMixin):
             sums_g, gram_gg = _sparse_moments_scipy(x_ng)
             self.x_gram_gg += gram_gg
         elif cpu:
-            x64_ng = self._dense_float64_cpu(x_ng)
-            sums_g = torch.from_numpy(x64_ng.sum(axis=0))
-            _add_lower_gram_blas(x64_ng, self.x_gram_gg.numpy())
+            sums_g = torch.from_numpy(self._add_dense_moments_cpu(x_ng))
         else:
             x64_ng = (x_ng.to_dense() if is_sparse(x_ng) else x_ng).to(torch.float64)
             sums_g = x64_ng.sum(dim=0)
@@ -97,22 +95,42 @@ class ExactPCA(CellariumModel, PredictMixin):
         self.x_size += x_ng.shape[0]
         return {}
 
-    def _dense_float64_cpu(self, x_ng: torch.Tensor) -> np.ndarray:
-        """The batch as a C-ordered float64 array, in a buffer reused across batches.
+    def _add_dense_moments_cpu(self, x_ng: torch.Tensor) -> np.ndarray:
+        """Adds X^T X to the cross-product's lower triangle; returns the column sums (float64).
 
-        A fresh (cells x genes) float64 array per batch costs more in page faults than filling it.
+        Rows go through BLAS a block at a time, densified in float64 into a buffer reused across
+        blocks and batches. A block of about ``_DENSE_BLOCK_BYTES`` stays in cache between being
+        filled and being read by dsyrk, where a whole 10,000-cell batch (160 MB at 2,000 genes)
+        makes the round trip through memory: 0.60 -> 0.45 s per 10,000 cells at 2,000 genes, with
+        dsyrk alone taking 0.43 s.
         """
         n, g = x_ng.shape
-        if x_ng.layout != torch.sparse_csr:
-            return (x_ng.to_dense() if is_sparse(x_ng) else x_ng).to(torch.float64).numpy()
-        if self._dense_buffer is None or self._dense_buffer.shape[0] < n:
-            self._dense_buffer = np.empty((n, g), dtype=np.float64)
-        out_ng = self._dense_buffer[:n]
-        out_ng.fill(0.0)
-        values_e = x_ng.values().numpy().astype(np.float64)
-        x = sp.csr_matrix((values_e, x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=(n, g))
-        x.toarray(out=out_ng)
-        return out_ng
+        gram_gg = self.x_gram_gg.numpy()
+        sums_g = np.zeros(g, dtype=np.float64)
+        block = max(1, _DENSE_BLOCK_BYTES // (8 * g))
+        if self._dense_buffer is None or self._dense_buffer.shape != (block, g):
+            self._dense_buffer = np.empty((block, g), dtype=np.float64)
+        if x_ng.layout == torch.sparse_csr:
+            crow_n1 = x_ng.crow_indices().numpy()
+            col_e, value_e = x_ng.col_indices().numpy(), x_ng.values().numpy()
+        else:
+            x_dense_ng = (x_ng.to_dense() if is_sparse(x_ng) else x_ng).numpy()
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            out_bg = self._dense_buffer[: stop - start]
+            if x_ng.layout == torch.sparse_csr:
+                lo, hi = crow_n1[start], crow_n1[stop]
+                rows = sp.csr_matrix(
+                    (value_e[lo:hi].astype(np.float64), col_e[lo:hi], crow_n1[start : stop + 1] - lo),
+                    shape=(stop - start, g),
+                )
+                out_bg.fill(0.0)
+                rows.toarray(out=out_bg)
+            else:
+                out_bg[...] = x_dense_ng[start:stop]
+            sums_g += out_bg.sum(axis=0)
+            _add_lower_gram_blas(out_bg, gram_gg)
+        return sums_g
 
     def on_train_start(self, trainer: pl.Trainer) -> None:
         self.reset_parameters()
@@ -219,6 +237,9 @@ def _add_lower_gram_blas(x_ng: np.ndarray, gram_gg: np.ndarray) -> None:
     if not np.shares_memory(updated, gram_gg):  # BLAS wrappers may copy on unusual strides
         gram_gg[...] = np.tril(updated.T) + np.triu(gram_gg, 1)
 
+
+# Rows densified at a time for BLAS: a 16 MB float64 block stays in cache between filling and dsyrk.
+_DENSE_BLOCK_BYTES = 16 * 2**20
 
 # scipy's sparse-sparse product runs about this many times slower per multiply-add than BLAS
 # dsyrk, which does g^2 / 2 multiply-adds per cell.
