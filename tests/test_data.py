@@ -13,6 +13,7 @@ import scipy.sparse as sp
 from torch.utils.data import DataLoader
 
 from cellarium_steps.data import InputError, ShardedCellDataset, collate_identity, open_shards
+from cellarium_steps.data.reader import select_columns
 
 
 def make_adata(n: int, genes: list[str], batches: list[str], seed: int = 0, prefix: str = "c",
@@ -197,3 +198,22 @@ def test_fixed_batch_categories_follow_the_model_and_reject_unknown_batches(shar
     collection = open_shards(str(shard_dir / "s1.h5ad"), batch_key="batch", batch_categories=["a", "b"])
     with pytest.raises(InputError, match=r"s1\.h5ad: cell 's1-1' \(row 1\) has obs\['batch'\] outside"):
         list(ShardedCellDataset(collection, batch_size=100))
+
+
+@pytest.mark.parametrize("index", [[1, 4, 6], [6, 1, 4], [5]])
+@pytest.mark.parametrize("rows_sorted", [True, False])
+def test_select_columns_keeps_rows_sorted(index: list[int], rows_sorted: bool) -> None:
+    """Real files store some rows with unsorted columns (the merged PBMC file does); selected
+    batches have every row's columns strictly increasing, as torch's CSR layout requires."""
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(1.0, (40, 8)).astype(np.float32)
+    x = sp.csr_matrix(dense)
+    if not rows_sorted:  # reverse each row's entries
+        for i in range(x.shape[0]):
+            a, b = x.indptr[i], x.indptr[i + 1]
+            x.indices[a:b], x.data[a:b] = x.indices[a:b][::-1].copy(), x.data[a:b][::-1].copy()
+        x.has_sorted_indices = False
+    selected = select_columns(x, np.array(index))
+    np.testing.assert_array_equal(selected.toarray(), dense[:, index])
+    for i in range(selected.shape[0]):
+        assert (np.diff(selected.indices[selected.indptr[i] : selected.indptr[i + 1]]) > 0).all()

@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.plan import BatchPiece, EpochPlan
-from cellarium_steps.data.reader import ShardReader
+from cellarium_steps.data.reader import ShardReader, select_columns
 from cellarium_steps.data.shards import Shard, ShardCollection
 
 # torch flags its sparse CSR layout as beta on every construction; we rely on its stable subset.
@@ -113,7 +113,9 @@ class ShardedCellDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[BatchDict]:
         info = get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        return self._batches(info.id, info.num_workers) if info else self._batches(0, 1)
+
+    def _batches(self, worker_id: int, num_workers: int) -> Iterator[BatchDict]:
         reader = ShardReader(self.collection, require_counts=self.require_counts)
         window_cache: dict[tuple[int, int], _RowBlock] = {}
         try:
@@ -135,8 +137,15 @@ class ShardedCellDataset(IterableDataset):
         return window_cache[key].select(np.searchsorted(piece.window_rows, piece.rows))
 
     def _read_rows(self, reader: ShardReader, shard: Shard, rows: np.ndarray) -> _RowBlock:
+        # Totals and the gene selection once per rows read (a whole shuffle window), so that each
+        # batch then picks its cells from the selected columns only.
+        x = reader.read_x(shard, rows)
+        total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() if self.with_totals else None
+        if self.gene_index is not None:
+            x = select_columns(x, self.gene_index)
         return _RowBlock(
-            x=reader.read_x(shard, rows),
+            x=x,
+            total_n=total_n,
             obs_names=reader.read_obs_names(shard, rows),
             batch_codes=reader.read_batch_index(shard, rows),
             columns={key: reader.read_obs_column(shard, key, rows) for key in self.collection.obs_columns},
@@ -144,10 +153,7 @@ class ShardedCellDataset(IterableDataset):
 
     def _to_batch(self, blocks: list[_RowBlock]) -> BatchDict:
         x = blocks[0].x if len(blocks) == 1 else sp.vstack([b.x for b in blocks], format="csr")
-        total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() if self.with_totals else None
-        if self.gene_index is not None:
-            x = x[:, self.gene_index]
-            x.sort_indices()
+        total_n = np.concatenate([b.total_n for b in blocks]) if self.with_totals else None
         batch: BatchDict = {
             "x_ng": csr_to_torch(x),
             "var_names_g": self.var_names_g,
@@ -166,6 +172,7 @@ class _RowBlock:
     """Matrix rows and obs values of one set of rows of a shard."""
 
     x: sp.csr_matrix
+    total_n: np.ndarray | None
     obs_names: np.ndarray
     batch_codes: np.ndarray
     columns: dict[str, np.ndarray]
@@ -173,6 +180,7 @@ class _RowBlock:
     def select(self, index: np.ndarray) -> _RowBlock:
         return _RowBlock(
             x=self.x[index],
+            total_n=None if self.total_n is None else self.total_n[index],
             obs_names=self.obs_names[index],
             batch_codes=self.batch_codes[index],
             columns={key: values[index] for key, values in self.columns.items()},

