@@ -158,10 +158,12 @@ def worker_ours_throughput(spec: dict) -> dict:
     from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
     from cellarium_steps.runner import CellariumModule, build_trainer
     from cellarium_steps.runner.recipe import spec as recipe_spec
+    from cellarium_steps.steps.cli import configure_allocator
     from cellarium_steps.steps.common import read_gene_list
     from cellarium_steps.steps.train_scvi import optimizer_kwargs
     from cellarium_steps.transforms.filter import Filter
 
+    configure_allocator()  # as the cellarium-steps command does before any step
     torch.set_num_threads(spec["threads"])
     inputs = spec["shards"] if spec["data"] == "shards" else spec["source"]
     datamodule = ShardDataModule(inputs, batch_size=spec["batch_size"], batch_key=BATCH_KEY, shuffle=True, seed=0,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import logging
 import multiprocessing
@@ -56,8 +57,32 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def configure_allocator() -> None:
+    """glibc malloc for streaming batches: arrays of 8 MiB and more get their own mappings, returned
+    to the OS when freed; the heap keeps up to 64 MiB of free memory at its top.
+
+    glibc's default raises its mmap threshold as large arrays are freed, so ever larger batch
+    arrays land on a fragmenting heap: HVG's pass over 1,000,000 cells then peaked 43% higher than
+    over 200,000 (945 vs 661 MB). Fixing the threshold alone keeps the peak flat (588 vs 579 MB) but
+    also fixes the trim threshold at 128 KiB, so the heap gives back and faults in its top pages
+    batch after batch: reading scVI batches took 19 us a cell instead of 14.5. A 64 MiB trim
+    threshold keeps both: 15.5 us a cell, 594 vs 572 MB.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 8 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    configure_allocator()
     step_name = next((a for a in argv if not a.startswith("-")), None)
     if step_name not in STEP_MODULES:
         build_parser().parse_args(argv)  # prints help, the version, or the error, and exits
