@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3,
                         help="quality: training seeds per side, compared by their means (default: 3); the 15-NN "
                         "accuracy of one seed varies by ~0.02")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="quality: the first training seed (seeds first-seed .. first-seed + seeds - 1; default: 0), "
+                        "to add seeds to an earlier run")
     parser.add_argument("--skip-quality", action="store_true", help="throughput and streaming only")
     parser.add_argument("--skip-throughput", action="store_true", help="quality only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shard split (default: 0)")
@@ -385,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_quality:
         spec = {**base, "epochs": args.epochs, "batch_size": QUALITY_BATCH_SIZE, "kl_warmup_steps": warmup}
         results: dict[str, list[dict]] = {OURS: [], SCVI_TOOLS: []}
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             results[OURS].append(run_worker("ours-quality", {**spec, "seed": seed}))
             results[SCVI_TOOLS].append(run_worker("scvi-quality", {**spec, "seed": seed}))
         mean: dict[str, dict[str, float]] = {}

@@ -101,8 +101,8 @@ class ExactPCA(CellariumModel, PredictMixin):
         Rows go through BLAS a block at a time, densified in float64 into a buffer reused across
         blocks and batches. A block of about ``_DENSE_BLOCK_BYTES`` stays in cache between being
         filled and being read by dsyrk, where a whole 10,000-cell batch (160 MB at 2,000 genes)
-        makes the round trip through memory: 0.60 -> 0.45 s per 10,000 cells at 2,000 genes, with
-        dsyrk alone taking 0.43 s.
+        makes the round trip through memory: 0.50 -> 0.46 s per 10,000 cells at 2,000 genes, of
+        which dsyrk alone takes 0.43 s.
         """
         n, g = x_ng.shape
         gram_gg = self.x_gram_gg.numpy()
@@ -238,7 +238,7 @@ def _add_lower_gram_blas(x_ng: np.ndarray, gram_gg: np.ndarray) -> None:
         gram_gg[...] = np.tril(updated.T) + np.triu(gram_gg, 1)
 
 
-# Rows densified at a time for BLAS: a 16 MB float64 block stays in cache between filling and dsyrk.
+# Rows densified at a time for BLAS (see ExactPCA._add_dense_moments_cpu).
 _DENSE_BLOCK_BYTES = 16 * 2**20
 
 # scipy's sparse-sparse product runs about this many times slower per multiply-add than BLAS
