@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.plan import BatchPiece, EpochPlan
-from cellarium_steps.data.reader import ShardReader, select_columns
+from cellarium_steps.data.reader import ShardReader, column_positions, select_columns
 from cellarium_steps.data.shards import Shard, ShardCollection
 
 # torch flags its sparse CSR layout as beta on every construction; we rely on its stable subset.
@@ -80,12 +80,11 @@ class ShardedCellDataset(IterableDataset):
         Selecting where the rows are read (in the loader workers) sends only those columns to the
         training process, and its gene filter then has nothing left to do.
         """
-        position = {str(name): i for i, name in enumerate(self.collection.var_names_g)}
-        missing = [str(g) for g in genes if str(g) not in position]
+        gene_index, missing = column_positions(self.collection.var_names_g, genes)
         if missing:
             raise InputError(f"{len(missing)} of the {len(genes)} genes asked for are not in "
                              f"{self.collection.shards[0].path}, e.g. {missing[:5]}")
-        self.gene_index = np.array([position[str(g)] for g in genes], dtype=np.int64)
+        self.gene_index = gene_index
         self.var_names_g = np.asarray([str(g) for g in genes], dtype=object)
 
     def set_epoch(self, epoch: int) -> None:

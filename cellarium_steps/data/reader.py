@@ -166,6 +166,14 @@ def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:
     return int(np.searchsorted(x.indptr, first_nnz, side="right") - 1)
 
 
+def column_positions(var_names_g: Sequence[str], genes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Where each of ``genes`` sits in ``var_names_g`` (int64), and the genes that are not there
+    (the positions are only meaningful when none is missing)."""
+    position = {str(name): i for i, name in enumerate(var_names_g)}
+    missing = [str(g) for g in genes if str(g) not in position]
+    return np.array([position.get(str(g), -1) for g in genes], dtype=np.int64), missing
+
+
 def select_columns(x: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
     """Columns ``index`` of a CSR matrix, in that order, each row's entries sorted by column.
 

@@ -258,4 +258,3 @@ class SOCAM(LaplaceLinearClassifier, PredictMixin, ValidateMixin):
             if self.probability_propagation_flag:
                 probs_nc = propagate_probs(probs_nc, self.active_descendant_tensor_cc).clamp(max=1.0)
         return {"y_logits_nc": logits_nc, "cell_type_probs_nc": probs_nc}
-

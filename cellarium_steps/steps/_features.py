@@ -28,23 +28,19 @@ class Features:
 
 def pca_features(path: str) -> Features:
     """The pca step's output (its Parquet, or the ``<stem>.pt`` beside it): cells -> PC1..PCk."""
-    from cellarium_steps.steps.pca import output_paths, read_pca_state, transform_specs
+    from cellarium_steps.steps.pca import output_paths, pca_specs, read_pca_state
 
     state_path = Path(path) if str(path).endswith(".pt") else output_paths(str(path))["state"]
     if not state_path.is_file():
         raise InputError(f"--pca {path}: no fitted PCA at {state_path} (give the pca step's --output)")
     state = read_pca_state(state_path)
-    config, genes = state["config"], [str(g) for g in state["var_names_g"]]
-    model_args: dict[str, Any] = {"var_names_g": genes, "n_components": int(config["n_components"])}
-    if state["model"] == "IncrementalPCA":
-        model_args["svd_lowrank_niter"] = int(config["svd_lowrank_niter"])
-    transform_spec = spec(
-        ModelFeatures, model=spec(_pca_class(state["model"]), **model_args), feature_prefix="PC",
-        transforms=transform_specs(config["target_count"], config["log1p"], genes if config["genes_filtered"] else None),
-    )
+    model_spec, transforms = pca_specs(state)
+    transform_spec = spec(ModelFeatures, model=model_spec, transforms=transforms, feature_prefix="PC")
     features = ModelFeatures(**transform_spec["init_args"])
     features.model.load_state_dict(state["state_dict"])
-    return Features(transform_spec, features.state_dict(), component_names(int(config["n_components"])).tolist(), genes)
+    n_components = model_spec["init_args"]["n_components"]
+    return Features(transform_spec, features.state_dict(), component_names(n_components).tolist(),
+                    model_spec["init_args"]["var_names_g"])
 
 
 def scvi_features(path: str) -> Features:
@@ -69,8 +65,3 @@ def scvi_features(path: str) -> Features:
                     [str(g) for g in trained.model.var_names_g], batch_key=data.get("batch_key"),
                     batch_categories=data.get("batch_categories"))
 
-
-def _pca_class(name: str) -> type:
-    from cellarium_steps.models import ExactPCA, IncrementalPCA
-
-    return {"ExactPCA": ExactPCA, "IncrementalPCA": IncrementalPCA}[name]

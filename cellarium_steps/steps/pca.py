@@ -284,13 +284,21 @@ def load_pca(
     gene filter is rebuilt from the model's genes when the fit used a gene list.
     """
     state = read_pca_state(path, map_location)
-    config = state["config"]
-    var_names_g = np.asarray(state["var_names_g"], dtype=object)
-    model: ExactPCA | IncrementalPCA
-    if state["model"] == "ExactPCA":
-        model = ExactPCA(var_names_g, config["n_components"])
-    else:
-        model = IncrementalPCA(var_names_g, config["n_components"], svd_lowrank_niter=config["svd_lowrank_niter"])
+    model_spec, specs = pca_specs(state)
+    model = instantiate(model_spec)
     model.load_state_dict(state["state_dict"])
-    genes = list(var_names_g) if config["genes_filtered"] else None
-    return model, build_transforms(config["target_count"], config["log1p"], genes)
+    return model, [instantiate(s) for s in specs]
+
+
+def pca_specs(state: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Recipe specs of the fitted model (weights not included) and of the transforms it was fitted
+    after, from a state :func:`read_pca_state` returned."""
+    config = state["config"]
+    genes = [str(g) for g in state["var_names_g"]]
+    if state["model"] == "ExactPCA":
+        model_spec = spec(ExactPCA, var_names_g=genes, n_components=int(config["n_components"]))
+    else:
+        model_spec = spec(IncrementalPCA, var_names_g=genes, n_components=int(config["n_components"]),
+                          svd_lowrank_niter=int(config["svd_lowrank_niter"]))
+    return model_spec, transform_specs(config["target_count"], config["log1p"],
+                                       genes if config["genes_filtered"] else None)

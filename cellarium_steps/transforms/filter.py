@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.reader import column_positions
 from cellarium_steps.transforms._sparse import select_columns
 
 
@@ -25,25 +26,26 @@ class Filter(nn.Module):
             raise InputError("Filter: the gene list is empty")
         if len(set(self.filter_list)) != len(self.filter_list):
             raise InputError("Filter: the gene list has duplicates")
-        self._cache: tuple[int, torch.Tensor] | None = None
+        self._cache: tuple[int, torch.Tensor, bool] | None = None
 
     def column_index(self, var_names_g: np.ndarray) -> torch.Tensor:
+        return self._lookup(var_names_g)[0]
+
+    def _lookup(self, var_names_g: np.ndarray) -> tuple[torch.Tensor, bool]:
+        """The columns of the list's genes, and whether they are all of ``var_names_g`` in order."""
         key = id(var_names_g)
         if self._cache is None or self._cache[0] != key:
-            position = {name: i for i, name in enumerate(var_names_g)}
-            missing = [name for name in self.filter_list if name not in position]
+            index, missing = column_positions(var_names_g, self.filter_list)
             if missing:
                 raise InputError(
                     f"Filter: {len(missing)} genes of the list are not in the data, e.g. {missing[:5]}"
                 )
-            self._cache = (key, torch.tensor([position[name] for name in self.filter_list], dtype=torch.long))
-        return self._cache[1]
+            unchanged = len(var_names_g) == len(index) and bool((index == np.arange(len(index))).all())
+            self._cache = (key, torch.from_numpy(index), unchanged)
+        return self._cache[1], self._cache[2]
 
     def forward(self, x_ng: torch.Tensor, var_names_g: np.ndarray) -> dict[str, torch.Tensor | np.ndarray]:
-        if var_names_g is self.filter_list or (
-            len(var_names_g) == len(self.filter_list) and np.array_equal(var_names_g, self.filter_list)
-        ):
-            # Already these genes in this order (the data layer selected them where it read the rows).
+        index_k, unchanged = self._lookup(var_names_g)
+        if unchanged:  # the data layer already selected these genes where it read the rows
             return {"x_ng": x_ng, "var_names_g": self.filter_list}
-        index_k = self.column_index(var_names_g).to(x_ng.device)
-        return {"x_ng": select_columns(x_ng, index_k), "var_names_g": self.filter_list}
+        return {"x_ng": select_columns(x_ng, index_k.to(x_ng.device)), "var_names_g": self.filter_list}
