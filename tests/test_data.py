@@ -10,10 +10,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from torch.utils.data import DataLoader
 
 from cellarium_steps.data import InputError, ShardedCellDataset, collate_identity, open_shards
+from cellarium_steps.data.dataset import csr_to_torch
 from cellarium_steps.data.reader import select_columns
+from cellarium_steps.transforms._sparse import _select_columns_torch
+from cellarium_steps.transforms._sparse import select_columns as select_tensor_columns
 
 
 def make_adata(n: int, genes: list[str], batches: list[str], seed: int = 0, prefix: str = "c",
@@ -200,13 +204,16 @@ def test_fixed_batch_categories_follow_the_model_and_reject_unknown_batches(shar
         list(ShardedCellDataset(collection, batch_size=100))
 
 
-@pytest.mark.parametrize("index", [[1, 4, 6], [6, 1, 4], [5]])
+@pytest.mark.parametrize("index", [[1, 4, 6], [6, 1, 4], [5], [7, 0]])
 @pytest.mark.parametrize("rows_sorted", [True, False])
-def test_select_columns_keeps_rows_sorted(index: list[int], rows_sorted: bool) -> None:
-    """Real files store some rows with unsorted columns (the merged PBMC file does); selected
-    batches have every row's columns strictly increasing, as torch's CSR layout requires."""
+def test_select_columns_keeps_each_rows_order(index: list[int], rows_sorted: bool) -> None:
+    """Real files store some rows with unsorted columns (the merged PBMC file does); a selection
+    keeps every row's entries in their stored order (consumers are order-agnostic, and sorting
+    would cost a third of the selection), so sorted rows and an increasing index stay sorted. The
+    CPU (numpy) and the torch (CUDA) paths give the same arrays."""
     rng = np.random.default_rng(0)
     dense = rng.poisson(1.0, (40, 8)).astype(np.float32)
+    dense[3] = 0  # an empty row
     x = sp.csr_matrix(dense)
     if not rows_sorted:  # reverse each row's entries
         for i in range(x.shape[0]):
@@ -216,4 +223,22 @@ def test_select_columns_keeps_rows_sorted(index: list[int], rows_sorted: bool) -
     selected = select_columns(x, np.array(index))
     np.testing.assert_array_equal(selected.toarray(), dense[:, index])
     for i in range(selected.shape[0]):
-        assert (np.diff(selected.indices[selected.indptr[i] : selected.indptr[i + 1]]) > 0).all()
+        stored = x.indices[x.indptr[i] : x.indptr[i + 1]]
+        kept = np.array(index)[selected.indices[selected.indptr[i] : selected.indptr[i + 1]]]
+        np.testing.assert_array_equal(kept, stored[np.isin(stored, index)])
+        if rows_sorted and (np.diff(index) > 0).all():
+            assert (np.diff(selected.indices[selected.indptr[i] : selected.indptr[i + 1]]) > 0).all()
+    x_ng = csr_to_torch(x)
+    for by_tensor in (_select_columns_torch(x_ng, torch.tensor(index)), select_tensor_columns(x_ng, torch.tensor(index))):
+        np.testing.assert_array_equal(by_tensor.crow_indices().numpy(), selected.indptr)
+        np.testing.assert_array_equal(by_tensor.col_indices().numpy(), selected.indices)
+        np.testing.assert_array_equal(by_tensor.values().numpy(), selected.data)
+
+
+def test_select_genes_rejects_duplicates(tmp_path) -> None:
+    dense = np.ones((4, 3), dtype=np.float32)
+    adata = ad.AnnData(sp.csr_matrix(dense), var=pd.DataFrame(index=["a", "b", "c"]))
+    adata.write_h5ad(tmp_path / "s.h5ad")
+    dataset = ShardedCellDataset(open_shards(str(tmp_path / "s.h5ad")), batch_size=2)
+    with pytest.raises(InputError, match="duplicates"):
+        dataset.select_genes(["a", "b", "a"])

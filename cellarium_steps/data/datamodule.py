@@ -12,7 +12,11 @@ from cellarium_steps.data.shards import ShardCollection, open_shards
 
 
 class ShardDataModule(pl.LightningDataModule):
-    """Opens and validates the shards at construction, so bad input fails before any pass."""
+    """Opens and validates the shards at construction, so bad input fails before any pass.
+
+    ``with_totals`` and ``with_obs_names`` leave batch keys that the consumer never reads out of the
+    batches (see :class:`ShardedCellDataset`).
+    """
 
     def __init__(
         self,
@@ -27,6 +31,8 @@ class ShardDataModule(pl.LightningDataModule):
         x_key: str = "X",
         batch_categories: Sequence[str] | None = None,
         collection: ShardCollection | None = None,
+        with_totals: bool = True,
+        with_obs_names: bool = True,
     ):
         super().__init__()
         self.collection = collection or open_shards(
@@ -34,7 +40,8 @@ class ShardDataModule(pl.LightningDataModule):
         )
         self.num_workers = num_workers
         self.dataset = ShardedCellDataset(
-            self.collection, batch_size=batch_size, shuffle=shuffle, seed=seed, require_counts=require_counts
+            self.collection, batch_size=batch_size, shuffle=shuffle, seed=seed, require_counts=require_counts,
+            with_totals=with_totals, with_obs_names=with_obs_names,
         )
 
     def select_genes(self, genes: Sequence[str]) -> None:

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from cellarium_steps.data.direct import DirectFile
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.shards import Shard, ShardCollection, read_array
 
@@ -31,14 +32,22 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 class ShardReader:
     """Reads row sets from the shards of a collection; one per process (h5py handles don't fork)."""
 
-    def __init__(self, collection: ShardCollection, require_counts: bool = True):
+    def __init__(self, collection: ShardCollection, require_counts: bool = True,
+                 layouts: dict[str, dict] | None = None):
         self.collection = collection
         self.require_counts = require_counts
         self._files: dict[str, h5py.File] = {}
+        self._direct: dict[str, DirectFile] = {}
+        # Byte layouts of the count arrays, per shard path (see DirectFile); pass the same dict to the
+        # next epoch's reader so it does not survey the files again.
+        self._layouts = {} if layouts is None else layouts
         self._categories: dict[tuple[str, str], np.ndarray | None] = {}
         self._position: dict[str, int] | None = None
 
     def close(self) -> None:
+        for direct in self._direct.values():
+            direct.close()
+        self._direct.clear()
         for f in self._files.values():
             f.close()
         self._files.clear()
@@ -48,9 +57,19 @@ class ShardReader:
         if f is None:
             f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
             while len(self._files) >= _MAX_OPEN_FILES:
-                self._files.pop(next(iter(self._files))).close()
+                path = next(iter(self._files))
+                self._files.pop(path).close()
+                direct = self._direct.pop(path, None)
+                if direct is not None:
+                    direct.close()
         self._files[shard.path] = f  # most recently used last
         return f
+
+    def _direct_file(self, shard: Shard) -> DirectFile:
+        f = self._file(shard)
+        if shard.path not in self._direct:
+            self._direct[shard.path] = DirectFile(f, self._layouts.setdefault(shard.path, {}))
+        return self._direct[shard.path]
 
     def read_x(self, shard: Shard, rows: np.ndarray) -> sp.csr_matrix:
         """Rows (sorted) of the count matrix as CSR, checked for NaN and, if required, counts."""
@@ -62,14 +81,15 @@ class ShardReader:
             dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_vars))
             x = sp.csr_matrix(dense)
         else:
-            indptr_ds, indices_ds, data_ds = x_elem["indptr"], x_elem["indices"], x_elem["data"]
+            direct = self._direct_file(shard)
+            x_name = x_elem.name
             lo, hi = runs[0][0], runs[-1][1]
-            indptr_span = indptr_ds[lo : hi + 1].astype(np.int64)
+            indptr_span = x_elem["indptr"][lo : hi + 1].astype(np.int64)
             datas, indices, lengths = [], [], []
             for a, b in runs:
-                p0, p1 = indptr_span[a - lo], indptr_span[b - lo]
-                datas.append(data_ds[p0:p1])
-                indices.append(indices_ds[p0:p1])
+                p0, p1 = int(indptr_span[a - lo]), int(indptr_span[b - lo])
+                datas.append(direct.read(f"{x_name}/data", p0, p1))
+                indices.append(direct.read(f"{x_name}/indices", p0, p1))
                 lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
             data = datas[0] if len(datas) == 1 else np.concatenate(datas)
             index = indices[0] if len(indices) == 1 else np.concatenate(indices)
@@ -175,18 +195,23 @@ def column_positions(var_names_g: Sequence[str], genes: Sequence[str]) -> tuple[
 
 
 def select_columns(x: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
-    """Columns ``index`` of a CSR matrix, in that order, each row's entries sorted by column.
+    """Columns ``index`` (distinct) of a CSR matrix, in that order; each row keeps its entries' order.
 
-    Increasing columns keep sorted rows sorted, which scipy does not know (its sort would redo
-    them). Otherwise, and for rows stored unsorted (as in the merged PBMC file), two counting
-    transposes sort every row in linear time: selecting 2,000 of its 7,152 genes costs 5.7 us a
-    cell that way, 10 us with scipy's per-row sort.
+    Rows are not re-sorted: the loader already hands on rows as the file stores them, which need
+    not be sorted (the merged PBMC file's are not), and every consumer of a batch is order-agnostic
+    (densifying, entry-wise maps, scipy products), so sorting would cost a third of the selection
+    for nothing. A sorted input row with an increasing ``index`` stays sorted.
+
+    One gather of the new column ids and one compaction of the kept entries: 2.6 us a cell for
+    2,000 of 7,152 genes, against 5.8 us for scipy's column indexing followed by a sort.
     """
-    selected = x[:, index]
-    if len(index) < 2 or ((np.diff(index) > 0).all() and x.has_sorted_indices):
-        selected.has_sorted_indices = True
-        return selected
-    return selected.tocsc().tocsr()
+    new_column_g = np.full(x.shape[1], -1, dtype=np.int32 if len(index) < 2**31 else np.int64)
+    new_column_g[index] = np.arange(len(index), dtype=new_column_g.dtype)
+    mapped_e = new_column_g.take(x.indices)  # take: 1.6 times faster than fancy indexing here
+    kept_e = np.flatnonzero(mapped_e >= 0)
+    # Row i's kept entries are those among its stored entries x.indptr[i]:x.indptr[i + 1].
+    indptr = np.searchsorted(kept_e, x.indptr).astype(x.indptr.dtype, copy=False)
+    return sp.csr_matrix((x.data[kept_e], mapped_e[kept_e], indptr), shape=(x.shape[0], len(index)))
 
 
 def read_rows(reader: ShardReader, pieces: Sequence[tuple[Shard, np.ndarray]]) -> sp.csr_matrix:

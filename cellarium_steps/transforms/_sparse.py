@@ -7,7 +7,7 @@ from collections.abc import Callable
 import scipy.sparse as sp
 import torch
 
-from cellarium_steps.data.reader import select_columns as select_scipy_columns
+from cellarium_steps.data.reader import select_columns as select_csr_columns
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -46,11 +46,17 @@ def select_rows(x_ng: torch.Tensor, index_m: torch.Tensor) -> torch.Tensor:
 
 
 def select_columns(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
-    """Columns ``index_k`` in that order; sparse input gives sparse CSR output with sorted columns."""
+    """Columns ``index_k`` (distinct) in that order; sparse input gives sparse CSR output whose rows
+    keep their entries' order (see :func:`cellarium_steps.data.reader.select_columns`)."""
     if x_ng.layout != torch.sparse_csr:
         return x_ng.index_select(1, index_k)
     if x_ng.device.type == "cpu":
-        return _select_columns_scipy(x_ng, index_k)
+        return _select_columns_cpu(x_ng, index_k)
+    return _select_columns_torch(x_ng, index_k)
+
+
+def _select_columns_torch(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+    """torch operations only, so also on CUDA."""
     n, g = x_ng.shape
     k = index_k.shape[0]
     new_col_g = torch.full((g,), -1, dtype=torch.long, device=x_ng.device)
@@ -58,22 +64,18 @@ def select_columns(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
     crow = x_ng.crow_indices().long()
     mapped_e = new_col_g[x_ng.col_indices().long()]
     keep_e = mapped_e >= 0
-    row_e = torch.repeat_interleave(torch.arange(n, device=x_ng.device), crow.diff())[keep_e]
-    col_e = mapped_e[keep_e]
-    values_e = x_ng.values()[keep_e]
-    order_e = torch.argsort(row_e * k + col_e)
-    counts_n = torch.bincount(row_e, minlength=n)
-    new_crow = torch.zeros(n + 1, dtype=torch.long, device=x_ng.device)
-    new_crow[1:] = torch.cumsum(counts_n, 0)
-    return _csr(new_crow, col_e[order_e], values_e[order_e], torch.Size((n, k)))
+    # The kept entries stay grouped by row, so each row's new start is the count kept before it.
+    kept_before_e1 = torch.zeros(keep_e.shape[0] + 1, dtype=torch.long, device=x_ng.device)
+    torch.cumsum(keep_e, 0, out=kept_before_e1[1:])
+    return _csr(kept_before_e1[crow], mapped_e[keep_e], x_ng.values()[keep_e], torch.Size((n, k)))
 
 
-def _select_columns_scipy(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
-    """scipy's C column indexing on zero-copy views: over ten times faster than the torch path on CPU."""
+def _select_columns_cpu(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
+    """The data layer's numpy selection on zero-copy views: 3.5 times faster than the torch path on CPU."""
     x = sp.csr_matrix(
         (x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=tuple(x_ng.shape)
     )
-    selected = select_scipy_columns(x, index_k.numpy())
+    selected = select_csr_columns(x, index_k.numpy())
     return _csr(
         torch.from_numpy(selected.indptr),
         torch.from_numpy(selected.indices),
