@@ -228,7 +228,7 @@ class ScviDataModule(ShardDataModule):
         super().__init__(*args, **kwargs)
         self.val_dataset = ShardedCellDataset(
             self.collection, batch_size=self.dataset.batch_size, shuffle=False, seed=self.dataset.seed,
-            require_counts=self.dataset.require_counts,
+            require_counts=self.dataset.require_counts, with_totals=self.dataset.with_totals,
         )
 
     def select_genes(self, genes: Sequence[str]) -> None:
@@ -284,6 +284,9 @@ def run(args: argparse.Namespace) -> None:
     datamodule = (ScviDataModule if validating else ShardDataModule)(
         args.input, batch_size=args.batch_size, batch_key=args.batch_key, num_workers=args.num_workers,
         shuffle=True, seed=args.seed, obs_columns=(args.cell_type_key,) if args.cell_type_key else (),
+        # The model's library size is the observed one (no use_size_factor_key), and only the
+        # held-out split names cells: neither column is read otherwise.
+        with_totals=False, with_obs_names=validating,
     )
     collection = datamodule.collection
     cell_types: list[str] = []
