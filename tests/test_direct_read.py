@@ -81,3 +81,12 @@ def test_anndata_shards_are_read_directly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(dense, x.toarray())
     (layouts,) = dataset._byte_layouts.values()
     assert layouts["/X/data"] is not None and layouts["/X/indices"] is not None
+
+
+def test_a_file_object_is_read_through_h5py(h5_path: Path) -> None:
+    with open(h5_path, "rb") as handle, h5py.File(handle, "r") as f:
+        layouts: dict = {}
+        direct = DirectFile(f, layouts)
+        np.testing.assert_array_equal(direct.read("chunked", 10, 60), f["chunked"][10:60])
+        direct.close()
+    assert layouts["chunked"] is None

@@ -4,7 +4,7 @@ HDF5 walks a selection chunk by chunk through its chunk index and cache; for the
 anndata writes (20-50 KB), that bookkeeping costs three to four times the copy itself (a
 1,549-cell shard's ``X/data``: 2.3 ms through h5py, 0.6 ms read directly). For a dataset that is
 stored as plain bytes (no filter: no compression, shuffle or checksum; every chunk allocated; no
-user block or external storage), the elements ``[start, stop)`` are the bytes at known offsets, so
+user block or external storage; a file opened by path), the elements ``[start, stop)`` are the bytes at known offsets, so
 they are read with ``os.preadv`` into the result array. Anything else, or a platform without
 ``os.preadv``, goes through h5py unchanged.
 """
@@ -90,6 +90,8 @@ def _byte_layout(dataset: h5py.Dataset) -> _Layout | None:
     """(elements per chunk, byte offset of each chunk in index order), or None if the dataset's
     elements are not plain bytes at known offsets of its file."""
     if not hasattr(os, "preadv") or dataset.ndim != 1 or dataset.shape[0] == 0:
+        return None
+    if dataset.file.driver != "sec2":  # a file object, an in-memory or a split file: no plain path to read
         return None
     dtype = dataset.dtype
     if dtype.kind not in "iuf" or dtype.byteorder not in ("=", "|", _NATIVE_ORDER):
