@@ -160,15 +160,11 @@ class InMemoryCells:
         import torch
         from torch.utils.data import IterableDataset
 
-        from cellarium_steps.data.dataset import csr_to_torch
-
-        def to_scipy(x_ng: torch.Tensor) -> sp.csr_matrix:
-            return sp.csr_matrix((x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()),
-                                 shape=tuple(x_ng.shape))
+        from cellarium_steps.data.dataset import csr_to_torch, torch_to_csr
 
         class _Cells(IterableDataset):
             def __init__(self) -> None:
-                self.x = sp.vstack([to_scipy(b["x_ng"]) for b in batches], format="csr")
+                self.x = sp.vstack([torch_to_csr(b["x_ng"]) for b in batches], format="csr")
                 self.batch_index_n = np.concatenate([b["batch_index_n"].numpy() for b in batches])
                 self.var_names_g = batches[0]["var_names_g"]
                 self.epoch = 0

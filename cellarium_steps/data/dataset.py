@@ -38,6 +38,13 @@ def csr_to_torch(x: sp.csr_matrix, dtype: torch.dtype = torch.float32) -> torch.
     )
 
 
+def torch_to_csr(x_ng: torch.Tensor) -> sp.csr_matrix:
+    """A CPU sparse CSR tensor as a scipy CSR matrix on zero-copy views of its arrays."""
+    return sp.csr_matrix(
+        (x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=tuple(x_ng.shape)
+    )
+
+
 class ShardedCellDataset(IterableDataset):
     """Yields batch dicts; each cell of the collection exactly once per epoch over all ranks and workers.
 
@@ -86,8 +93,9 @@ class ShardedCellDataset(IterableDataset):
         Selecting where the rows are read (in the loader workers) sends only those columns to the
         training process, and its gene filter then has nothing left to do.
         """
-        if len(set(map(str, genes))) != len(genes):
-            raise InputError(f"the gene list has duplicates ({len(genes)} names, {len(set(map(str, genes)))} distinct)")
+        n_distinct = len(set(map(str, genes)))
+        if n_distinct != len(genes):
+            raise InputError(f"the gene list has duplicates ({len(genes)} names, {n_distinct} distinct)")
         gene_index, missing = column_positions(self.collection.var_names_g, genes)
         if missing:
             raise InputError(f"{len(missing)} of the {len(genes)} genes asked for are not in "

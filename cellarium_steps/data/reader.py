@@ -36,8 +36,7 @@ class ShardReader:
                  layouts: dict[str, dict] | None = None):
         self.collection = collection
         self.require_counts = require_counts
-        self._files: dict[str, h5py.File] = {}
-        self._direct: dict[str, DirectFile] = {}
+        self._files: dict[str, DirectFile] = {}  # by path, most recently used last
         # Byte layouts of the count arrays, per shard path (see DirectFile); pass the same dict to the
         # next epoch's reader so it does not survey the files again.
         self._layouts = {} if layouts is None else layouts
@@ -45,51 +44,41 @@ class ShardReader:
         self._position: dict[str, int] | None = None
 
     def close(self) -> None:
-        for direct in self._direct.values():
-            direct.close()
-        self._direct.clear()
-        for f in self._files.values():
-            f.close()
+        for opened in self._files.values():
+            _close(opened)
         self._files.clear()
 
     def _file(self, shard: Shard) -> h5py.File:
-        f = self._files.pop(shard.path, None)
-        if f is None:
-            f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            while len(self._files) >= _MAX_OPEN_FILES:
-                path = next(iter(self._files))
-                self._files.pop(path).close()
-                direct = self._direct.pop(path, None)
-                if direct is not None:
-                    direct.close()
-        self._files[shard.path] = f  # most recently used last
-        return f
+        return self._open(shard).h5file
 
-    def _direct_file(self, shard: Shard) -> DirectFile:
-        f = self._file(shard)
-        if shard.path not in self._direct:
-            self._direct[shard.path] = DirectFile(f, self._layouts.setdefault(shard.path, {}))
-        return self._direct[shard.path]
+    def _open(self, shard: Shard) -> DirectFile:
+        opened = self._files.pop(shard.path, None)
+        if opened is None:
+            f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
+            opened = DirectFile(f, self._layouts.setdefault(shard.path, {}))
+            while len(self._files) >= _MAX_OPEN_FILES:
+                _close(self._files.pop(next(iter(self._files))))
+        self._files[shard.path] = opened
+        return opened
 
     def read_x(self, shard: Shard, rows: np.ndarray) -> sp.csr_matrix:
         """Rows (sorted) of the count matrix as CSR, checked for NaN and, if required, counts."""
-        f = self._file(shard)
-        x_elem = f[self.collection.x_key]
+        opened = self._open(shard)
+        x_elem = opened.h5file[self.collection.x_key]
         n_vars = self.collection.n_vars
         runs = row_runs(rows)
         if shard.x_encoding == "array":
             dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_vars))
             x = sp.csr_matrix(dense)
         else:
-            direct = self._direct_file(shard)
             x_name = x_elem.name
             lo, hi = runs[0][0], runs[-1][1]
             indptr_span = x_elem["indptr"][lo : hi + 1].astype(np.int64)
             datas, indices, lengths = [], [], []
             for a, b in runs:
                 p0, p1 = int(indptr_span[a - lo]), int(indptr_span[b - lo])
-                datas.append(direct.read(f"{x_name}/data", p0, p1))
-                indices.append(direct.read(f"{x_name}/indices", p0, p1))
+                datas.append(opened.read(f"{x_name}/data", p0, p1))
+                indices.append(opened.read(f"{x_name}/indices", p0, p1))
                 lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
             data = datas[0] if len(datas) == 1 else np.concatenate(datas)
             index = indices[0] if len(indices) == 1 else np.concatenate(indices)
@@ -179,6 +168,11 @@ class ShardReader:
                 f"obs[{key!r}] outside the expected batches {list(self.collection.batch_categories)[:8]}"
             )
         return batch_n
+
+
+def _close(opened: DirectFile) -> None:
+    opened.close()
+    opened.h5file.close()
 
 
 def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:

@@ -113,12 +113,8 @@ class ExactPCA(CellariumModel, PredictMixin):
         if x_ng.layout == torch.sparse_csr:
             crow_n1 = x_ng.crow_indices().numpy()
             col_e, value_e = x_ng.col_indices().numpy(), x_ng.values().numpy()
-        else:
-            x_dense_ng = (x_ng.to_dense() if is_sparse(x_ng) else x_ng).numpy()
-        for start in range(0, n, block):
-            stop = min(start + block, n)
-            out_bg = self._dense_buffer[: stop - start]
-            if x_ng.layout == torch.sparse_csr:
+
+            def fill(start: int, stop: int, out_bg: np.ndarray) -> None:
                 lo, hi = crow_n1[start], crow_n1[stop]
                 rows = sp.csr_matrix(
                     (value_e[lo:hi].astype(np.float64), col_e[lo:hi], crow_n1[start : stop + 1] - lo),
@@ -126,8 +122,16 @@ class ExactPCA(CellariumModel, PredictMixin):
                 )
                 out_bg.fill(0.0)
                 rows.toarray(out=out_bg)
-            else:
+        else:
+            x_dense_ng = (x_ng.to_dense() if is_sparse(x_ng) else x_ng).numpy()
+
+            def fill(start: int, stop: int, out_bg: np.ndarray) -> None:
                 out_bg[...] = x_dense_ng[start:stop]
+
+        for start in range(0, n, block):
+            stop = min(start + block, n)
+            out_bg = self._dense_buffer[: stop - start]
+            fill(start, stop, out_bg)
             sums_g += out_bg.sum(axis=0)
             _add_lower_gram_blas(out_bg, gram_gg)
         return sums_g

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import scipy.sparse as sp
 import torch
 
+from cellarium_steps.data.dataset import torch_to_csr
 from cellarium_steps.data.reader import select_columns as select_csr_columns
 
 
@@ -72,10 +72,7 @@ def _select_columns_torch(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Te
 
 def _select_columns_cpu(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
     """The data layer's numpy selection on zero-copy views: 3.5 times faster than the torch path on CPU."""
-    x = sp.csr_matrix(
-        (x_ng.values().numpy(), x_ng.col_indices().numpy(), x_ng.crow_indices().numpy()), shape=tuple(x_ng.shape)
-    )
-    selected = select_csr_columns(x, index_k.numpy())
+    selected = select_csr_columns(torch_to_csr(x_ng), index_k.numpy())
     return _csr(
         torch.from_numpy(selected.indptr),
         torch.from_numpy(selected.indices),
