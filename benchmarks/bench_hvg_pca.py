@@ -158,7 +158,6 @@ def run_jobs(jobs: list[tuple[str, list[str], list[Path], bool]], warmup: bool, 
     and every wall time. A job whose ``may_fail`` is set (the in-memory reference, which may run out
     of memory at large sizes) is reported by how it failed instead of aborting."""
     results: dict[str, dict | str] = {}
-    walls: dict[str, list[float]] = {label: [] for label, *_ in jobs}
     runs: dict[str, list[dict]] = {label: [] for label, *_ in jobs}
     if warmup:
         for label, cmd, _, may_fail in jobs:
@@ -183,16 +182,16 @@ def run_jobs(jobs: list[tuple[str, list[str], list[Path], bool]], warmup: bool, 
                 print(f"[bench] {label} failed:\n{e}", file=sys.stderr)
                 results[label] = e.how
                 continue
-            walls[label].append(res["wall_s"])
             runs[label].append(res)
             print(f"[bench] {label} (run {repeat + 1}/{repeats}): {res['wall_s']:.2f} s, peak tree PSS "
                   f"{res['peak_rss_mb']:,.0f} MB (largest single process {res['max_single_rss_mb']:,.0f} MB)",
                   file=sys.stderr)
     for label, *_ in jobs:
         if label not in results:
+            walls = [r["wall_s"] for r in runs[label]]
             results[label] = {
-                "wall_s": float(np.median(walls[label])),
-                "walls": walls[label],
+                "wall_s": float(np.median(walls)),
+                "walls": walls,
                 "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[label]),
                 "max_single_rss_mb": max(r["max_single_rss_mb"] for r in runs[label]),
             }
