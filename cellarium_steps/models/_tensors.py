@@ -6,7 +6,22 @@ import torch
 
 from cellarium_steps._batch import densify, is_sparse
 
-__all__ = ["densify", "global_count", "grouped_column_moments", "is_sparse", "nonzero_entries"]
+__all__ = ["densify", "global_count", "grouped_column_moments", "is_sparse", "nonzero_entries", "row_range"]
+
+
+def row_range(x_ng: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a dense or sparse CSR batch, still sparse if it was (torch cannot
+    slice CSR tensors); a sparse COO batch is densified."""
+    if x_ng.layout == torch.sparse_coo:
+        x_ng = x_ng.to_dense()
+    if x_ng.layout != torch.sparse_csr:
+        return x_ng[start:stop]
+    crow = x_ng.crow_indices()
+    first, last = int(crow[start]), int(crow[stop])
+    return torch.sparse_csr_tensor(
+        crow[start : stop + 1] - first, x_ng.col_indices()[first:last], x_ng.values()[first:last],
+        size=(stop - start, x_ng.shape[1]), check_invariants=False,
+    )
 
 
 def nonzero_entries(x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
