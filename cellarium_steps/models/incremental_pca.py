@@ -61,12 +61,12 @@ class IncrementalPCA(CellariumModel, PredictMixin):
 
     The model keeps a rank-r partial SVD, ``S_r * V_rg``, of the cells seen so far (Ross et
     al.), r = min(genes, n_components + oversample). A batch is merged in chunks of near-equal
-    size, at most ``chunk_size`` = max(r, 256) cells (4 x genes when r + max(r, 256) + 1 rows would
-    outnumber the genes): the current rows, the chunk centred on its own mean and one mean-correction row are
-    stacked and their leading r right singular vectors kept. At the end of the epoch the ranks'
-    partial SVDs are merged pairwise up a binary tree (Iwen et al.), each merge stacking two states
-    and the mean-correction row, and the result is broadcast, so every rank can predict. The first
-    n_components rows are the reported components.
+    size, at most ``chunk_size`` = max(r, 256) cells (4 x genes when r + max(r, 256) + 1 rows
+    would outnumber the genes): the current rows, the chunk centred on its own mean and one
+    mean-correction row are stacked and their leading r right singular vectors kept. At the end
+    of the epoch the ranks' partial SVDs are merged pairwise up a binary tree (Iwen et al.), each
+    merge stacking two states and the mean-correction row, and the result is broadcast, so every
+    rank can predict. The first n_components rows are the reported components.
 
     The SVD of the stacked matrix is exact (float64 eigendecomposition of the Gram matrix of its
     smaller side) whenever that side has at most ``EXACT_SVD_MAX`` = 4,096 rows or columns, which
@@ -85,7 +85,7 @@ class IncrementalPCA(CellariumModel, PredictMixin):
     DDP rank), where a direction separating later cells is not tracked while the earlier ones go
     by. There the largest principal angle of the top-10 subspace is 1.1e-2 to 1.9e-2 rad with 300
     extra directions and 5.7e-3 to 9.7e-3 with 500 (variance errors 3.4e-4 to 1.0e-3, then
-    1.6e-4 to 4.4e-4). With cells in random order 300 would do (angle <= 5e-3).
+    1.6e-4 to 4.4e-4). With cells in random order 300 would do (angle about 5e-3).
 
     Cost: about 12 r g + 70 r^2 flops a cell (2,000 genes, r = 550: 34 Mflop, several times the
     exact covariance's g^2; 20,000 genes: 150 Mflop against 400 Mflop), and about 2 (r + chunk_size)
