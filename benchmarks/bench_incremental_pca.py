@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     print("\nincremental against exact, same run:")
     for name, value in accuracy(out_dir / "pca_exact.pt", out_dir / "pca_incremental.pt").items():
-        print(f"  {name}: {value:.6g}")
+        print(f"  {name}: {value:.9g}")
     return 0
 
 
