@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--n-components", type=int, default=50, metavar="K", help="principal components (default: 50)")
     group.add_argument(
         "--method", choices=("exact", "incremental", "auto"), default="exact",
-        help="exact covariance, incremental SVD, or auto (exact up to --exact-max-genes) (default: exact)",
+        help="exact: the G x G covariance, exact to float64 and fastest up to a few thousand genes; incremental: "
+        "a streamed SVD whose memory grows with genes x (K + 500), for more genes than --exact-max-genes "
+        "(all genes rather than HVGs); auto: exact up to --exact-max-genes, else incremental (default: exact)",
     )
     group.add_argument(
         "--exact-max-genes", type=int, default=5000, metavar="G",
