@@ -74,6 +74,16 @@ def mouse_cells() -> Cells:
     return cells_of("mouse", sp.csr_matrix(adata.X), np.arange(adata.n_vars), MOUSE_CELLS)
 
 
+@pytest.fixture(scope="module")
+def pbmc_many_genes_cells(pbmc_multibatch: ad.AnnData) -> Cells:
+    """The merged PBMC file on 5,000 seurat_v3 HVGs: r + chunk_size < genes, so every chunk of
+    1,050 cells is truncated, as with the many genes incremental is for."""
+    scanpy = pytest.importorskip("scanpy")
+    hvg = scanpy.pp.highly_variable_genes(pbmc_multibatch, n_top_genes=5000, flavor="seurat_v3", inplace=False)
+    columns = np.flatnonzero(hvg["highly_variable"].to_numpy())
+    return cells_of("pbmc-5000", sp.csr_matrix(pbmc_multibatch.X), columns, PBMC_CELLS)
+
+
 @pytest.fixture
 def cells(request: pytest.FixtureRequest) -> Cells:
     return request.getfixturevalue(f"{request.param}_cells")
@@ -136,6 +146,31 @@ def test_any_world_size_matches_exact(cells: Cells, n_components: int, batch_siz
     assert float(models[0].x_size) == len(cells.x_ng)
 
 
+@pytest.mark.slow
+def test_many_genes_match_exact(pbmc_many_genes_cells: Cells) -> None:
+    cells = pbmc_many_genes_cells
+    model = fit(cells, cells.random_order(), 50, 1024)
+    assert model.svd_rank + model.chunk_size < cells.x_ng.shape[1]  # the truncating regime
+    accuracy = cells.reference.accuracy(model)
+    report(f"{cells.name} k=50 batch=1024", accuracy)
+    assert_accurate(accuracy)
+
+
+def test_the_result_does_not_depend_on_the_batch_size() -> None:
+    """Cells wait for a whole chunk, so any batching gives the same updates, bit for bit."""
+    x_ng = np.random.default_rng(3).normal(size=(1000, 300)) @ np.diag(np.linspace(3, 0.1, 300))
+    names = names_of(x_ng)
+    results = []
+    for batch_size in (7, 128, 1000):
+        model = IncrementalPCA(names, 5, oversample=20)
+        assert model.chunk_size == 256
+        fit_model(model, x_ng, batch_size=batch_size)
+        results.append(model)
+    for model in results[1:]:
+        assert torch.equal(model.V_rg, results[0].V_rg) and torch.equal(model.S_r, results[0].S_r)
+        assert torch.equal(model.x_mean_g, results[0].x_mean_g)
+
+
 def test_ranks_on_sorted_shards(pbmc_cells: Cells, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hard case: the file's cells in order (its sources one after another) cut into 5 unequal
     shards, one rank each, each read in the pca step's shuffled order (EpochPlan). A rank tracks
@@ -161,7 +196,7 @@ def names_of(x_ng: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 5, 7])
-@pytest.mark.parametrize("oversample", [500, 4])
+@pytest.mark.parametrize("oversample", [incremental_pca.DEFAULT_OVERSAMPLE, 4])
 def test_hierarchical_merge_any_world_size(world_size: int, oversample: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real merge code on threads. With the default oversample the 120 genes are all kept, so
     nothing is truncated and the result must be the exact PCA to rounding, whatever the split:
@@ -186,7 +221,7 @@ def test_hierarchical_merge_any_world_size(world_size: int, oversample: int, mon
     result = models[0]
     assert float(result.x_size) == len(x_ng)
     variance_k = result.explained_variance_k.numpy()
-    if oversample == 500:
+    if oversample == incremental_pca.DEFAULT_OVERSAMPLE:
         assert result.svd_rank == 120
         np.testing.assert_allclose(variance_k, reference.eigenvalues_g[:8], rtol=1e-10)
         expected_kg = incremental_pca.orient_components(torch.from_numpy(reference.components_kg.copy())).numpy()
@@ -215,24 +250,30 @@ def test_exact_when_every_direction_is_kept() -> None:
 
 
 def test_batches_are_merged_in_chunks() -> None:
-    """A batch larger than the chunk goes through several updates of at most ``chunk_size`` cells
-    (the stacked matrix stays small enough for the exact SVD); sparse and dense batches agree."""
+    """A batch larger than the chunk goes through several updates of ``chunk_size`` cells (the
+    stacked matrix stays small enough for the exact SVD); the rest waits until the result is read.
+    Sparse and dense batches agree."""
     x_ng = np.abs(synthetic(n=1100, g=400))
     x_ng[x_ng < 3] = 0
     names = names_of(x_ng)
     sizes: list[int] = []
     model = IncrementalPCA(names, 5, oversample=20)
-    update = model._update_with_cells
+    update = model._update
 
-    def spy(chunk_ng: torch.Tensor) -> None:
-        sizes.append(chunk_ng.shape[0])
-        update(chunk_ng)
+    def spy(joined_mg: torch.Tensor, *args: object) -> None:
+        sizes.append(joined_mg.shape[0] - model.svd_rank - 1)
+        update(joined_mg, *args)
 
-    model._update_with_cells = spy  # type: ignore[method-assign]
+    model._update = spy  # type: ignore[method-assign]
     fit_model(model, x_ng, batch_size=1100, sparse=True)
-    assert model.chunk_size == 256 and sizes == [220] * 5
+    assert model.chunk_size == 256 and sizes == [256] * 4
+    variance_k = model.explained_variance_k  # reading merges the 76 waiting cells
+    assert sizes == [256] * 4 + [76] and float(model.x_size) == 1100
     dense = fit_model(IncrementalPCA(names, 5, oversample=20), x_ng, batch_size=1100)
-    np.testing.assert_allclose(model.S_r.numpy(), dense.S_r.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(variance_k.numpy(), dense.explained_variance_k.numpy(), rtol=1e-10)
+    state = IncrementalPCA(names, 5, oversample=20)
+    fit_model(state, x_ng, batch_size=300)
+    assert float(state.state_dict()["x_size"]) == 1100  # saving merges them too
 
 
 def test_randomized_path_honours_niter(monkeypatch: pytest.MonkeyPatch) -> None:

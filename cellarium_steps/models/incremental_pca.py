@@ -48,7 +48,7 @@ def project(x_ng: torch.Tensor, mean_g: torch.Tensor, components_kg: torch.Tenso
 
 
 # Directions the partial SVD keeps beyond n_components (see IncrementalPCA).
-DEFAULT_OVERSAMPLE = 500
+DEFAULT_OVERSAMPLE = 1000
 # The stacked matrix's SVD is exact when its smaller side is at most this (an eigendecomposition
 # of that side's Gram matrix); larger ones go through the seeded randomized SVD.
 EXACT_SVD_MAX = 4096
@@ -60,36 +60,39 @@ class IncrementalPCA(CellariumModel, PredictMixin):
     """Distributed and incremental PCA.
 
     The model keeps a rank-r partial SVD, ``S_r * V_rg``, of the cells seen so far (Ross et
-    al.), r = min(genes, n_components + oversample). A batch is merged in chunks of near-equal
-    size, at most ``chunk_size`` = max(r, 256) cells (4 x genes when r + max(r, 256) + 1 rows
-    would outnumber the genes): the current rows, the chunk centred on its own mean and one
-    mean-correction row are stacked and their leading r right singular vectors kept. At the end
+    al.), r = min(genes, n_components + oversample). Cells are merged ``chunk_size`` = max(r, 256)
+    at a time, whatever the batch size (4 x genes when r + max(r, 256) + 1 rows would outnumber
+    the genes; the epoch's last chunk is smaller): the current rows, the chunk centred on its own
+    mean and one mean-correction row are stacked and their leading r right singular vectors kept. At the end
     of the epoch the ranks' partial SVDs are merged pairwise up a binary tree (Iwen et al.), each
     merge stacking two states and the mean-correction row, and the result is broadcast, so every
     rank can predict. The first n_components rows are the reported components.
 
     The SVD of the stacked matrix is exact (float64 eigendecomposition of the Gram matrix of its
     smaller side) whenever that side has at most ``EXACT_SVD_MAX`` = 4,096 rows or columns, which
-    the chunking guarantees for r <= 2,047 or genes <= 4,096 (n_components up to 1,547 at the
+    the chunking guarantees for r <= 2,047 or genes <= 4,096 (n_components up to 1,047 at the
     default oversample). Beyond it ``torch.svd_lowrank`` takes over, seeded, with
     ``svd_lowrank_niter`` power iterations and 10 extra columns.
 
     Accuracy. What an exact SVD does not remove is the loss of each truncation to r: the energy
     a chunk has outside the kept directions is dropped, and some of it lies along directions that
     later become leading ones, so components come out low and tilted. On the merged PBMC file
-    (15,493 cells, 2,000 HVGs, 30 components, batches of 128, random order) keeping only the k
-    reported directions gives a variance error of 4e-3 of the largest with an exact SVD and 6e-3
-    with the randomized one: the truncation, not the randomized SVD, is what limits it. The
-    directions kept beyond k are what helps. The default, 500, is what the hard case needs: cells
-    sorted by source into shards (the file cut into 3 or 5 shards, one after another or one per
-    DDP rank), where a direction separating later cells is not tracked while the earlier ones go
-    by. There the largest principal angle of the top-10 subspace is 1.1e-2 to 1.9e-2 rad with 300
-    extra directions and 5.7e-3 to 9.7e-3 with 500 (variance errors 3.4e-4 to 1.0e-3, then
-    1.6e-4 to 4.4e-4). With cells in random order 300 would do (angle about 5e-3).
+    (15,493 cells, 2,000 HVGs, 30 components, random order) keeping only the k reported directions
+    gives a variance error of 4e-3 of the largest with an exact SVD and 6e-3 with the randomized
+    one: the truncation, not the randomized SVD, is what limits it. The directions kept beyond k are
+    what helps, and the hard case sets how many: cells sorted by source (a collection's shards one
+    after another, or one per DDP rank), where a direction separating later cells is not tracked
+    while the earlier ones go by. In file order, 50 components, the largest principal angle of the
+    top-10 subspace against the exact one is 1.4e-2 rad with 500 extra directions and 2.6e-3 with
+    1,000 on 2,000 HVGs (variance errors 3.9e-4 and 4.2e-5 of the largest); on 5,000 HVGs, where
+    each chunk is truncated more, 3.0e-2 and 1.4e-2 (8.5e-4 and 3.7e-4). Cells in random order (a
+    shuffled collection) do far better. For many genes in sorted shards, raise ``oversample``.
 
-    Cost: about 12 r g + 70 r^2 flops a cell (2,000 genes, r = 550: 34 Mflop, several times the
-    exact covariance's g^2; 20,000 genes: 150 Mflop against 400 Mflop), and about 2 (r + chunk_size)
-    x g float64 of memory during an update (20,000 genes: 0.35 GB against the covariance's 3.2 GB).
+    Cost: about 12 r g + 70 r^2 flops a cell (20,000 genes, r = 1,050: 330 Mflop against the exact
+    covariance's g^2 = 400 Mflop; on 2,000 genes r + chunk_size exceeds the genes and the update
+    works on the g x g side), and (r + chunk_size + 1) x g float64 of memory for the update's
+    workspace, where cells wait for their chunk (20,000 genes: 0.34 GB against the covariance's
+    3.2 GB).
 
     All state is float64: it is r x g, so precision costs little. The randomized SVD is seeded
     per update, so a run is reproducible whatever the global RNG state. Besides the SVD the
@@ -153,12 +156,17 @@ class IncrementalPCA(CellariumModel, PredictMixin):
         self.register_buffer("x_m2", torch.zeros((), dtype=torch.float64))
         self._n_updates = 0
         self._merged = False
+        # Scratch for an update, (r + chunk_size + 1) x g float64: cells wait in its rows r, r + 1,
+        # ... until a whole chunk has come (see forward). Not state: pending cells are merged first.
+        self._joined_mg: torch.Tensor | None = None
+        self._n_pending = 0
 
     def reset_parameters(self) -> None:
         for buffer in (self.V_rg, self.S_r, self.x_mean_g, self.x_size, self.x_m2):
             buffer.zero_()
         self._n_updates = 0
         self._merged = False
+        self._n_pending = 0
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object, **kwargs: object) -> None:
         """Also accept a state with only the k reported rows (``V_kg``, ``S_k``), as this model
@@ -168,29 +176,51 @@ class IncrementalPCA(CellariumModel, PredictMixin):
             k = V_kg.shape[0]
             state_dict[prefix + "V_rg"] = torch.cat([V_kg, V_kg.new_zeros(self.svd_rank - k, V_kg.shape[1])])
             state_dict[prefix + "S_r"] = torch.cat([S_k, S_k.new_zeros(self.svd_rank - k)])
+        self._n_pending = 0
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[arg-type]
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        self._merge_pending()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def forward(self, x_ng: torch.Tensor, var_names_g: np.ndarray) -> dict[str, torch.Tensor | None]:
         """Incrementally update the partial SVD with a batch of cells; returns an empty dict."""
         check_var_names(self.var_names_g, var_names_g)
-        n = x_ng.shape[0]
-        if n == 0:
-            return {}
-        # Chunks of near-equal size, densified one at a time (a sparse batch of 10,000 cells x
-        # 20,000 genes would take 800 MB dense).
-        n_chunks = math.ceil(n / self.chunk_size)
-        for i in range(n_chunks):
-            self._update_with_cells(densify(row_range(x_ng, n * i // n_chunks, n * (i + 1) // n_chunks)))
+        # Cells wait until chunk_size of them have come, then merge in one update: every update
+        # truncates to r directions and loses the energy outside them, so the number of updates,
+        # and the result, must not depend on the loader's batch size (batches of 128 cells would
+        # truncate several times as often, and be slower). Rows are densified a part at a time (a
+        # sparse batch of 10,000 cells x 20,000 genes would take 800 MB dense).
+        n, start = x_ng.shape[0], 0
+        while start < n:
+            stop = min(n, start + self.chunk_size - self._n_pending)
+            first = self.svd_rank + self._n_pending
+            self._workspace()[first : first + stop - start].copy_(densify(row_range(x_ng, start, stop)))
+            self._n_pending += stop - start
+            start = stop
+            if self._n_pending == self.chunk_size:
+                self._merge_pending()
         return {}
 
-    def _update_with_cells(self, x_ng: torch.Tensor) -> None:
-        r, n = self.svd_rank, x_ng.shape[0]
-        # One float64 buffer holds the current rows, the cells and the mean-correction row,
-        # so the cells are copied once.
-        joined_mg = torch.zeros(r + n + 1, self.n_vars, dtype=torch.float64, device=self.V_rg.device)
+    def _workspace(self) -> torch.Tensor:
+        if self._joined_mg is None:
+            rows = self.svd_rank + self.chunk_size + 1
+            self._joined_mg = torch.zeros(rows, self.n_vars, dtype=torch.float64, device=self.V_rg.device)
+        elif self._joined_mg.device != self.V_rg.device:  # the model was moved: waiting cells move too
+            self._joined_mg = self._joined_mg.to(self.V_rg.device)
+        return self._joined_mg
+
+    def _merge_pending(self) -> None:
+        """Merge the cells waiting in the workspace into the partial SVD."""
+        r, n = self.svd_rank, self._n_pending
+        if n == 0:
+            return
+        self._n_pending = 0
+        # The current rows, the cells (already in place) and the mean-correction row, stacked.
+        joined_mg = self._workspace()[: r + n + 1]
         torch.mul(self.S_r[:, None], self.V_rg, out=joined_mg[:r])
+        joined_mg[-1].zero_()
         cells_ng = joined_mg[r : r + n]
-        cells_ng.copy_(x_ng)
         if self.perform_mean_correction:
             cells_mean_g = cells_ng.mean(dim=0)
             cells_ng.sub_(cells_mean_g)
@@ -279,6 +309,7 @@ class IncrementalPCA(CellariumModel, PredictMixin):
         ceil(log2(world size)) for any world size, not only powers of two. Rank 0 ends with
         the full result and broadcasts it, since prediction runs on every rank.
         """
+        self._merge_pending()
         if self._merged or trainer.world_size <= 1 or not dist.is_initialized():
             self._merged = True
             return
@@ -330,10 +361,12 @@ class IncrementalPCA(CellariumModel, PredictMixin):
     @property
     def V_kg(self) -> torch.Tensor:
         """The k reported rows of the partial SVD (cellarium-ml's attribute)."""
+        self._merge_pending()
         return self.V_rg[: self.n_components]
 
     @property
     def S_k(self) -> torch.Tensor:
+        self._merge_pending()
         return self.S_r[: self.n_components]
 
     @property
@@ -342,6 +375,7 @@ class IncrementalPCA(CellariumModel, PredictMixin):
 
         Approximates the ``n_components`` largest eigenvalues of the data's covariance matrix.
         """
+        self._merge_pending()
         return self.S_r[: self.n_components].square() / self.x_size
 
     @property
@@ -350,15 +384,18 @@ class IncrementalPCA(CellariumModel, PredictMixin):
 
         Each is oriented so that its entry of largest magnitude is positive.
         """
+        self._merge_pending()
         return self.V_rg[: self.n_components]
 
     @property
     def mean_g(self) -> torch.Tensor:
+        self._merge_pending()
         return self.x_mean_g
 
     @property
     def total_variance(self) -> torch.Tensor:
         """Sum of the per-gene population variances: the denominator of explained ratios."""
+        self._merge_pending()
         return self.x_m2 / self.x_size
 
     @property
@@ -371,6 +408,7 @@ class IncrementalPCA(CellariumModel, PredictMixin):
         Returns:
             ``x_ng``: the embedding, cells x components; ``var_names_g``: PC1, PC2, ...
         """
+        self._merge_pending()
         check_var_names(self.var_names_g, var_names_g)
         return {
             "x_ng": project(x_ng, self.x_mean_g, self.components_kg),
