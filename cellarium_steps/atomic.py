@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
+from typing import Any
 
 import pandas as pd
 
@@ -29,3 +31,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 def write_csv_atomically(df: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def write_json_atomically(payload: dict[str, Any] | str, path: str | os.PathLike) -> None:
+    text = payload if isinstance(payload, str) else json.dumps(payload, default=str, indent=2, sort_keys=True)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -22,8 +22,8 @@ from conftest import run_cli
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.simulate import simulate_shards
-from cellarium_steps.export.cells import NULL_PARTITION, export_cells, export_genes, partition_dir
-from cellarium_steps.export.tables import PROVENANCE_KEY
+from cellarium_steps.outputs.cells import NULL_PARTITION, export_cells, export_genes, partition_dir
+from cellarium_steps.outputs.tables import PROVENANCE_KEY
 
 N_CELLS = 500
 STRING_PARTITIONS = ds.partitioning(pa.schema([("dataset", pa.string()), ("batch", pa.string())]), flavor="hive")
@@ -163,7 +163,7 @@ def test_a_killed_export_leaves_nothing_and_a_rerun_completes(tmp_path: Path, sh
     # Killed (SIGKILL, no clean-up) right after the first row group reached the disk.
     script = textwrap.dedent(f"""
         import os, signal
-        from cellarium_steps.export import cells
+        from cellarium_steps.outputs import cells
         flush = cells.PartitionedWriter._flush
         def flush_then_die(self, part, n=None):
             flush(self, part, n)

@@ -679,7 +679,7 @@ def test_train_scvi_validation_split_and_cell_type_metrics(tmp_path: Path) -> No
     module = CellariumModule.from_checkpoint(str(output))
     assert module.model.cell_type_categories is None
 
-    from cellarium_steps.steps.train_scvi import HeldOutCells
+    from cellarium_steps.pipelines.scvi import HeldOutCells
 
     names = np.array([f"cell{i}" for i in range(20000)], dtype=object)
     mask = HeldOutCells(0.25, seed=0).mask(names)
@@ -783,7 +783,7 @@ def test_train_scvi_names_the_shard_and_cell_of_non_integer_counts(tmp_path: Pat
 
 def test_select_cells_keeps_csr_rows_with_torch_operations() -> None:
     """The held-out split runs on the batch's device: CSR row selection without scipy (CUDA tensors have no numpy)."""
-    from cellarium_steps.steps.train_scvi import select_cells
+    from cellarium_steps.pipelines.scvi import select_cells
 
     generator = torch.Generator().manual_seed(0)
     dense_ng = torch.poisson(torch.rand(9, 7, generator=generator)) * (torch.rand(9, 7, generator=generator) < 0.4)

@@ -26,26 +26,9 @@ from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.shards import ShardCollection
 from cellarium_steps.models.base import CellariumModel
 from cellarium_steps.runner._calls import apply_transforms, call_with_batch, reads_batch_key
+from cellarium_steps.runner.devices import device_count, resolve_accelerator
 
 logger = logging.getLogger("cellarium_steps")
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return accelerator
-
-
-def device_count(devices: int | str, accelerator: str) -> int:
-    """How many processes ``devices`` asks for (Lightning's reading of the value)."""
-    accelerator = resolve_accelerator(accelerator)
-    if isinstance(devices, int):
-        return devices if devices > 0 else (torch.cuda.device_count() if accelerator != "cpu" else 1)
-    if str(devices).isdigit():
-        return int(devices)
-    if accelerator in ("gpu", "cuda"):
-        return torch.cuda.device_count()
-    return 1
 
 
 @dataclass

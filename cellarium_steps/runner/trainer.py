@@ -18,7 +18,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 
 from cellarium_steps.atomic import atomic_path
-from cellarium_steps.runner.local import device_count, resolve_accelerator
+from cellarium_steps.runner.devices import device_count, resolve_accelerator
 
 logger = logging.getLogger("cellarium_steps")
 

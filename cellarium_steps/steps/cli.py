@@ -31,7 +31,7 @@ STEP_MODULES: dict[str, str] = {
     "train-gpt": "cellarium_steps.steps.train_gpt",
     "predict": "cellarium_steps.steps.predict",
     "export": "cellarium_steps.steps.export",
-    "report": "cellarium_steps.steps.report_plots",
+    "report": "cellarium_steps.steps.report",
 }
 
 

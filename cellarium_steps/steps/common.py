@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.metadata
-import json
+import inspect
 import logging
 import os
 import platform
@@ -13,20 +13,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import yaml
 
 from cellarium_steps import __version__
-from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.errors import ConfigError, InputError
 
 logger = logging.getLogger("cellarium_steps")
 
 _PROVENANCE_PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "numpy", "scipy", "pandas", "pyarrow", "crick")
-
-
-class ConfigError(InputError):
-    """A wrong key or value in --config or on the command line."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 10_000) -> None:
@@ -127,46 +121,24 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return values
 
 
-def read_gene_list(path: str) -> list[str]:
-    """Genes from an HVG table (its highly variable rows) or from a text file, in the file's order."""
-    if not os.path.isfile(path):
-        raise InputError(f"--genes: {path}: no such file")
-    if path.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet")):
-        try:
-            if path.lower().endswith(".parquet"):
-                table = pd.read_parquet(path)
-            else:
-                table = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",")
-        except (ValueError, OSError, pd.errors.ParserError) as e:
-            raise InputError(f"--genes: {path}: not a readable table ({e})") from None
-        if "gene" not in table.columns:
-            raise InputError(f"--genes: {path}: no 'gene' column (columns: {list(table.columns)})")
-        if "highly_variable" in table.columns:
-            flags = table["highly_variable"]
-            if flags.dtype != bool:
-                flags = flags.astype(str).str.lower().isin(("true", "1"))
-            table = table[flags.to_numpy()]
-        genes = table["gene"].astype(str).tolist()
-    else:
-        with open(path) as f:
-            genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    if not genes:
-        raise InputError(f"--genes: {path}: no genes selected")
-    if len(set(genes)) != len(genes):
-        raise InputError(f"--genes: {path}: genes are listed more than once")
-    return genes
-
-
-def selected_genes(path: str | None, var_names_g: np.ndarray, where: str) -> list[str] | None:
-    """The --genes list (None: all genes), checked against the shards' genes before any pass."""
-    if not path:
-        return None
-    genes = read_gene_list(path)
-    known = set(var_names_g)
-    missing = [g for g in genes if g not in known]
-    if missing:
-        raise InputError(f"--genes: {len(missing)} of {len(genes)} genes are not in {where}, e.g. {missing[:5]}")
-    return genes
+def call_pipeline(fn: Callable[..., Any], args: argparse.Namespace, **overrides: Any) -> Any:
+    """``fn(**options)``: each keyword argument ``fn`` takes, from ``overrides`` or else from the parsed
+    option of the same name (``inputs`` from ``--input``). Pipelines never see the Namespace."""
+    options = vars(args)
+    parameters = inspect.signature(fn).parameters
+    unknown = sorted(set(overrides) - set(parameters))
+    if unknown:
+        raise TypeError(f"{fn.__name__} takes no {unknown}")
+    kwargs: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        option = "input" if name == "inputs" else name
+        if name in overrides:
+            kwargs[name] = overrides[name]
+        elif option in options:
+            kwargs[name] = options[option]
+        elif parameter.default is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__} needs {name!r}, which is neither an option nor given")
+    return fn(**kwargs)
 
 
 def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -185,10 +157,6 @@ def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
         "config": config,
         "versions": versions,
     }
-
-
-def provenance_json(step: str, args: argparse.Namespace) -> str:
-    return json.dumps(provenance(step, args), default=str, sort_keys=True)
 
 
 def configure_logging(quiet: bool = False) -> None:

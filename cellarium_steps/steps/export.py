@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 
-from cellarium_steps.data.errors import InputError
-from cellarium_steps.export.cells import export_cells, export_genes
-from cellarium_steps.steps.common import add_common_arguments, provenance
-
-logger = logging.getLogger("cellarium_steps")
+from cellarium_steps.pipelines.export import export
+from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
 
 NAME = "export"
 HELP = "join the per-cell outputs (pca, predict) with the shards' obs into one partitioned Parquet dataset, streamed"
@@ -60,28 +55,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 REQUIRED = ("input", "output", "cells")
 
 
-def default_dataset_name(output: str) -> str:
-    parent = os.path.basename(os.path.dirname(os.path.abspath(output)))
-    return parent or "default"
-
-
 def run(args: argparse.Namespace) -> None:
-    for name in ("row_group_size", "max_buffered_rows"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if args.genes_output and not (args.mean_var or args.hvg):
-        raise InputError("--genes-output needs --mean-var, --hvg or both")
-    dataset = args.dataset or default_dataset_name(args.output)
-    run_provenance = provenance(NAME, args)
-    summary = export_cells(
-        args.input, args.cells, args.output, dataset=dataset, batch_key=args.batch_key,
-        row_group_size=args.row_group_size, max_buffered_rows=args.max_buffered_rows, chunk_size=args.batch_size,
-        provenance=run_provenance,
-    )
-    logger.info(
-        "wrote %s: %d cells in %d partitions, %d row groups; columns %s",
-        args.output, summary.n_cells, len(summary.partitions), summary.row_groups, ", ".join(summary.columns),
-    )
-    if args.genes_output:
-        genes = export_genes(args.mean_var, args.hvg, args.genes_output, run_provenance)
-        logger.info("wrote %s: %d genes", args.genes_output, len(genes))
+    call_pipeline(export, args, provenance=provenance(NAME, args))

@@ -51,7 +51,7 @@ from cellarium_steps.atomic import atomic_path
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.reader import ShardReader
 from cellarium_steps.data.shards import ShardCollection, open_shards
-from cellarium_steps.export.tables import PROVENANCE_KEY, write_table_parquet
+from cellarium_steps.outputs.tables import PROVENANCE_KEY, write_table_parquet
 
 logger = logging.getLogger("cellarium_steps")
 
