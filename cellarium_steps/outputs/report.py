@@ -13,6 +13,7 @@ import pandas as pd
 
 from cellarium_steps.atomic import atomic_path, write_json_atomically
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.models._reservoir import ReservoirSampler
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -129,40 +130,34 @@ def plot_losses(path: str, out: str) -> None:
 
 
 class CellSample:
-    """A uniform reservoir sample of cells (Algorithm R in blocks), and exact cell-type counts per batch."""
+    """A uniform reservoir sample of cells (:class:`ReservoirSampler`), and exact cell-type counts per batch."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
-        self.rng = np.random.default_rng(seed)
-        self.seen = 0
+        self.sampler = ReservoirSampler(size, seed)
         self.latent: np.ndarray | None = None
         self.batch = np.empty(0, dtype=object)
         self.cell_type = np.empty(0, dtype=object)
         self.counts: Counter[tuple[str, str]] = Counter()
 
+    @property
+    def seen(self) -> int:
+        return self.sampler.seen
+
     def add(self, latent: np.ndarray, batch: np.ndarray, cell_type: np.ndarray) -> None:
-        n = len(batch)
         self.counts.update(zip(batch.tolist(), cell_type.tolist()))
         if self.latent is None:
             self.latent = np.empty((0, latent.shape[1]), dtype=np.float32)
-        # Fill the reservoir first, then cell i (0-based over the stream) replaces a random slot with
-        # probability size / (i + 1).
-        fill = max(0, min(self.size - len(self.batch), n))
-        if fill:
-            self.latent = np.concatenate([self.latent, latent[:fill]])
-            self.batch = np.concatenate([self.batch, batch[:fill]])
-            self.cell_type = np.concatenate([self.cell_type, cell_type[:fill]])
-        rest = np.arange(fill, n)
-        if rest.size:
-            index = self.seen + rest
-            slots = (self.rng.random(rest.size) * (index + 1)).astype(np.int64)
-            take = slots < self.size
-            # Later cells overwrite earlier ones in the same slot, as the sequential algorithm would.
-            for i, slot in zip(rest[take], slots[take]):
-                self.latent[slot] = latent[i]
-                self.batch[slot] = batch[i]
-                self.cell_type[slot] = cell_type[i]
-        self.seen += n
+        rows, slots = self.sampler.offer(len(batch))
+        # Slots past the sample's end come in slot order: those rows are appended, the others overwrite.
+        new = slots >= len(self.batch)
+        stored = []
+        for sample, arriving in ((self.latent, latent), (self.batch, batch), (self.cell_type, cell_type)):
+            if new.any():
+                sample = np.concatenate([sample, arriving[rows[new]]])
+            sample[slots[~new]] = arriving[rows[~new]]
+            stored.append(sample)
+        self.latent, self.batch, self.cell_type = stored
 
 
 def _cell_type_column(names: list[str]) -> str | None:
