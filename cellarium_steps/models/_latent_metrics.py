@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 CLASSIFIER_MAX_ITER = 200
 CLASSIFIER_L2 = 1e-3
 
+
 class Reservoir:
     """A uniform sample of at most ``size`` rows of latents and labels, the rows chosen by a :class:`ReservoirSampler`.
 

@@ -31,6 +31,7 @@ def reconstruct_counts(
     batch_index_n: torch.Tensor,
     continuous_nc: torch.Tensor | None,
     categorical_index_nd: torch.Tensor | None,
+    *,
     transform_batch: str | int | None,
     transform_categorical_covariates: list[int] | None,
     use_latent_mean: bool,

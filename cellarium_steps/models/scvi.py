@@ -732,7 +732,8 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             x_ng, var_names_g, batch_index_n, continuous_covariates_nc, categorical_covariate_index_nd
         )
         return reconstruct_counts(
-            self, x_ng, gene_inds, batch_index_n, continuous_nc, categorical_index_nd, transform_batch,
-            transform_categorical_covariates, use_latent_mean, n_latent_samples, use_importance_sampling,
-            reconstructed_library_size,
+            self, x_ng, gene_inds, batch_index_n, continuous_nc, categorical_index_nd,
+            transform_batch=transform_batch, transform_categorical_covariates=transform_categorical_covariates,
+            use_latent_mean=use_latent_mean, n_latent_samples=n_latent_samples,
+            use_importance_sampling=use_importance_sampling, reconstructed_library_size=reconstructed_library_size,
         )
