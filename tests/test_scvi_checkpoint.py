@@ -1,8 +1,8 @@
 """A train-scvi checkpoint written before ``models/scvi.py`` was split still loads and predicts the same.
 
-``tests/fixtures/scvi_main.ckpt`` was trained by ``tests/fixtures/make_scvi_main_checkpoint.py`` with
-the code of commit 1c2ae1f on 64 simulated cells; ``scvi_main_cells.npz`` holds those cells and what
-that code computed from the checkpoint: the latent means, the loss terms and two reconstructions.
+``tests/fixtures/legacy_1c2ae1f/scvi.ckpt`` was trained by ``make_scvi.py`` beside it with the code of
+commit 1c2ae1f on 64 simulated cells; ``scvi_cells.npz`` holds those cells and what that code computed
+from the checkpoint: the latent means, the loss terms and two reconstructions.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import torch
 from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.recipe import RECIPE_KEY
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures" / "legacy_1c2ae1f"
 # The same code gives the same floats; the margin is for another machine's float rounding only.
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
 
 def test_checkpoint_from_before_the_split_predicts_the_stored_latent() -> None:
-    path = FIXTURES / "scvi_main.ckpt"
-    stored = np.load(FIXTURES / "scvi_main_cells.npz")
+    path = FIXTURES / "scvi.ckpt"
+    stored = np.load(FIXTURES / "scvi_cells.npz")
     recipe = torch.load(path, weights_only=True)[RECIPE_KEY]
     assert recipe["model"]["class_path"] == "cellarium_steps.models.scvi.SingleCellVariationalInference"
 

@@ -7,7 +7,7 @@ inputs and calls :func:`reconstruct_counts`, which follows scvi-tools' strategy.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from torch.distributions import Normal
 
 from cellarium_steps.models._scvi_layers import LinearWithBatch
 
-if TYPE_CHECKING:
-    from cellarium_steps.models.scvi import SingleCellVariationalInference
+#: the type of ``model`` below: a ``SingleCellVariationalInference``, not imported, as scvi.py imports this module.
+ScviModel = Any
 
 #: "mean" reconstructs in at most this many batches (the API's "first 10 batches").
 MEAN_TRANSFORM_MAX_BATCHES = 10
@@ -25,7 +25,7 @@ RECONSTRUCT_CHUNK_ELEMENTS = 2**24
 
 
 def reconstruct_counts(
-    model: SingleCellVariationalInference,
+    model: ScviModel,
     x_ng: torch.Tensor,
     gene_inds: np.ndarray | list[int],
     batch_index_n: torch.Tensor,
@@ -129,13 +129,13 @@ def _repeat(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
     return None if t is None else t.repeat(s, *([1] * (t.dim() - 1)))
 
 
-def decoder_uses_categorical(model: SingleCellVariationalInference) -> bool:
+def decoder_uses_categorical(model: ScviModel) -> bool:
     layers = [m for m in model.decoder.modules() if isinstance(m, LinearWithBatch)]
     return any(layer.n_categorical_features for layer in layers) or model.decoder.additive_bias_layer is not None
 
 
 def log_importance_weights(
-    model: SingleCellVariationalInference,
+    model: ScviModel,
     x_ng: torch.Tensor,
     z_mk: torch.Tensor,
     qz: Normal,
