@@ -128,6 +128,8 @@ class LabelTraining:
             data["batch_key"] = collection.batch_key
             data["batch_categories"] = [str(c) for c in collection.batch_categories]
         provenance = json.loads(json.dumps(self.options.provenance, default=str))
+        if "config" in provenance:  # the epochs the run used, also when worked out from the cell count
+            provenance["config"]["max_epochs"] = self.max_epochs
         return {"model": model_spec, "transforms": self.transform_specs(), "data": data, "provenance": provenance}
 
 
