@@ -14,6 +14,7 @@ import pandas as pd
 from cellarium_steps.atomic import atomic_path, write_json_atomically
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.models._reservoir import ReservoirSampler
+from cellarium_steps.outputs.layout import PCALayout, vector_matrix
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -184,9 +185,7 @@ def sample_cells(path: str, latent_column: str, size: int, seed: int) -> tuple[C
     for batch in dataset.to_batches(columns=columns, batch_size=65_536):
         if batch.num_rows == 0:
             continue
-        vectors = batch.column(latent_column)
-        width = vectors.type.list_size
-        latent = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        latent = vector_matrix(batch.column(latent_column))
         batches = np.asarray(batch.column("batch").fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
         types = (np.asarray(batch.column(type_column).fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
                  if type_column else np.full(batch.num_rows, "(not predicted)", dtype=object))
@@ -204,12 +203,7 @@ def layout_2d(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, t
             raise InputError("--layout umap needs umap-learn (pip install umap-learn), or use --layout pca") from None
         xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(latent)
         return np.asarray(xy), ("UMAP 1", "UMAP 2")
-    centred = latent.astype(np.float64) - latent.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    if xy.shape[1] < 2:
-        xy = np.column_stack([xy, np.zeros(len(xy))])
-    return xy, ("latent PC 1", "latent PC 2")
+    return PCALayout(latent).transform(latent), ("latent PC 1", "latent PC 2")
 
 
 def _ordered_categories(values: np.ndarray, limit: int = MAX_LEGEND) -> list[str]:
