@@ -78,7 +78,8 @@ class UMAPLayout:
     def __init__(self, sample_nk: np.ndarray, seed: int) -> None:
         import umap
 
-        self.model = umap.UMAP(n_components=2, random_state=seed).fit(sample_nk)
+        # a seed makes umap-learn single-threaded anyway (n_jobs=1 said here to spare its warning)
+        self.model = umap.UMAP(n_components=2, random_state=seed, n_jobs=1).fit(sample_nk)
 
     def transform(self, latent_nk: np.ndarray) -> np.ndarray:
         return np.asarray(self.model.transform(latent_nk), dtype=np.float32)
@@ -107,10 +108,6 @@ class LayoutOptions:
     column: str = "scvi_latent"
     sample_size: int = 20_000
     seed: int = 0
-
-    @property
-    def output_column(self) -> str:
-        return LAYOUT_COLUMNS[resolve_method(self.method)]
 
 
 def fit_layout(sample_nk: np.ndarray, method: str, seed: int) -> PCALayout | UMAPLayout:
