@@ -335,7 +335,7 @@ def test_pc_2d_layout_is_forced_deterministic_and_the_latents_first_components(
     _, _, vt = np.linalg.svd(centred, full_matrices=False)
     np.testing.assert_allclose(np.abs(xy), np.abs(centred @ vt[:2].T), atol=1e-4)
 
-    small = dict(method="pca", sample_size=100)
+    small = {"method": "pca", "sample_size": 100}
     first = layout_values(export_with_layout(tmp_path / "b", shards, inputs, seed=7, **small), "pc_2d")
     again = layout_values(export_with_layout(tmp_path / "c", shards, inputs, seed=7, **small), "pc_2d")
     other = layout_values(export_with_layout(tmp_path / "d", shards, inputs, seed=8, **small), "pc_2d")

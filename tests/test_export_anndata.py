@@ -11,15 +11,17 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 import pytest
+import test_export
 from conftest import run_cli
-from test_export import (  # noqa: F401 (the fixtures inputs, obs and shards)
-    N_CELLS, embedding_table, inputs, obs, read_export, run_killed, shards, write_parts,
-)
+from test_export import N_CELLS, embedding_table, read_export, run_killed, write_parts
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.outputs import shard_anndata
 from cellarium_steps.outputs.cells import export_cells
 from cellarium_steps.outputs.shard_anndata import ShardAnnDataWriter
+
+# test_export's fixtures: the shards (obs columns of every kind) and the per-cell inputs written for them
+shards, obs, inputs = test_export.shards, test_export.obs, test_export.inputs
 
 
 def parquet_rows(path: str | Path, column: str) -> pd.Series:
@@ -89,7 +91,7 @@ def test_obsm_is_written_chunk_by_chunk(tmp_path: Path, shards: list[str], input
     writes: list[tuple[str, int, int]] = []
     write_rows = ShardAnnDataWriter.write_rows
 
-    def recorded(self: ShardAnnDataWriter, dataset, start: int, values: np.ndarray) -> None:  # noqa: ANN001
+    def recorded(self: ShardAnnDataWriter, dataset, start: int, values: np.ndarray) -> None:
         writes.append((dataset.name, start, len(values)))
         write_rows(self, dataset, start, values)
 

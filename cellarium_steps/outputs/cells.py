@@ -10,7 +10,7 @@ order gives the cells in exactly the order of the shards' obs, and the join is a
     pca/cells.parquet    (iter_batches, re-chunked) -+--> check cell_id per chunk --> buffer per
     scvi/cells.parquet   (iter_batches, re-chunked) -+    (dataset, batch) --> a row group once
     socam/cells.parquet  (iter_batches, re-chunked) -+    ``row_group_size`` rows are buffered
-                                                          \-> (``anndata``) obsm/obs row ranges of
+                                                          +-> (``anndata``) obsm/obs row ranges of
                                                               the chunk's shard's .h5ad
 
 The same pass can add chosen obs columns of the shards (``obs_columns``, one shard's columns read
@@ -60,7 +60,14 @@ from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.reader import ShardReader
 from cellarium_steps.data.shards import ShardCollection, open_shards
 from cellarium_steps.outputs.layout import (
-    LAYOUT_COLUMNS, LayoutOptions, PCALayout, UMAPLayout, fit_layout, resolve_method, sample_vectors, vector_matrix,
+    LAYOUT_COLUMNS,
+    LayoutOptions,
+    PCALayout,
+    UMAPLayout,
+    fit_layout,
+    resolve_method,
+    sample_vectors,
+    vector_matrix,
 )
 from cellarium_steps.outputs.obs_columns import obs_column_types, read_obs_columns
 from cellarium_steps.outputs.shard_anndata import ShardAnnDataWriter

@@ -75,7 +75,7 @@ class ShardAnnDataWriter:
                 if not isinstance(obs, h5py.Group) or obs.attrs.get("encoding-type") != "dataframe":
                     raise InputError(f"--anndata: {shard.path}: obs is not an AnnData dataframe group "
                                      "(written by anndata older than 0.7?); rewrite it with a current anndata")
-                taken.update({c: shard.path for c in obs.keys() if c in columns or c.startswith(PREDICTED_PREFIX)})
+                taken.update({c: shard.path for c in obs if c in columns or c.startswith(PREDICTED_PREFIX)})
         names = {}
         for column in columns:
             name = PREDICTED_PREFIX + column if column in taken else column
@@ -138,8 +138,9 @@ class ShardAnnDataWriter:
             floating = pa.types.is_floating(kind)
             obs.create_dataset(name, shape=(n_obs,), dtype=kind.to_pandas_dtype() if floating else h5py.string_dtype())
             obs[name].attrs.update(_ARRAY if floating else _STRINGS)
-        order = [str(c) for c in obs.attrs.get("column-order", [])]
-        obs.attrs["column-order"] = np.array(order + list(self.predicted.values()), dtype=h5py.string_dtype())
+        if self.predicted:
+            order = [str(c) for c in obs.attrs.get("column-order", [])]
+            obs.attrs["column-order"] = np.array(order + list(self.predicted.values()), dtype=h5py.string_dtype())
         write_elem(f["uns"], UNS_PROVENANCE, self.provenance)
 
     def _close(self) -> None:
