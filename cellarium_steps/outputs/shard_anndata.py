@@ -63,7 +63,6 @@ class ShardAnnDataWriter:
         self.types = {c: schema.field(c).type for c in schema.names}
         self.predicted = self._predicted_names([c for c in PREDICTED_OBS if c in schema.names], shards)
         self.file: h5py.File | None = None
-        self.rows_written = 0
 
     @staticmethod
     def _predicted_names(columns: list[str], shards: Sequence[Shard]) -> dict[str, str]:
@@ -109,8 +108,8 @@ class ShardAnnDataWriter:
             self.file = None
 
     def write_rows(self, dataset: h5py.Dataset, start: int, values: np.ndarray) -> None:
+        """One row range of an obsm or obs dataset (the only writes of per-cell data)."""
         dataset[start : start + len(values)] = values
-        self.rows_written += len(values)
 
     def _begin(self, path: str) -> None:
         from anndata import AnnData
