@@ -9,6 +9,9 @@ measured each gene where shards measured different genes.
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import types
 from pathlib import Path
 
 import anndata as ad
@@ -16,10 +19,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.utils.data import DataLoader
 
 from cellarium_steps.data import InputError, ShardedCellDataset, collate_identity, open_shards
 from cellarium_steps.models import HVGSeuratV3, OnePassMeanVarStd, TDigest
+from cellarium_steps.models.hvg_seurat_v3 import BatchStatisticsMismatchError
 from cellarium_steps.runner.local import fit_statistics
 
 N_CELLS = 3000
@@ -230,6 +236,15 @@ def test_outer_join_counts_only_the_cells_that_measured_a_gene(cells, tmp_path: 
     assert_relative(hvg.hvg_df["means"].to_numpy(), mean_g)
     assert_relative(hvg.hvg_df["variances"].to_numpy(), var_g * n_g / (n_g - 1))
     assert hvg.hvg_df["highly_variable"].sum() == 500
+    # One pass given mean-var's statistics: the cells that measured each gene must come with them.
+    given = HVGSeuratV3(genes, n_top_genes=500, output_path=None)
+    given.set_batch_statistics(model.n_cells_b, model.batch_mean_bg, model.batch_var_bg, n_cells_bg=model.n_cells_bg)
+    fit_statistics(given, collection, batch_size=1000, max_epochs=1, accelerator="cpu")
+    np.testing.assert_array_equal(given.hvg_df["highly_variable"], hvg.hvg_df["highly_variable"])
+    without = HVGSeuratV3(genes, n_top_genes=500, output_path=None)
+    without.set_batch_statistics(model.n_cells_b, model.batch_mean_bg, model.batch_var_bg)
+    with pytest.raises(BatchStatisticsMismatchError, match="pass n_cells_bg"):
+        fit_statistics(without, collection, batch_size=1000, max_epochs=1, accelerator="cpu")
 
 
 @pytest.mark.parametrize("formats", [["zarr2", "zarr2", "h5ad"], ["zarr3", "zarr3", "zarr3"]])
@@ -279,6 +294,71 @@ def test_filter_and_composite_batch_match_pandas(cells, tmp_path: Path, caplog) 
             np.testing.assert_array_equal(labels, expected)
             seen += list(batch["obs_names_n"])
     assert sorted(seen) == sorted(kept.index)
+
+
+def _masked_models(collection, rank: int = 0, world_size: int = 1) -> dict[str, np.ndarray]:
+    """Outer-join statistics of one rank's share of the cells (reduced across ranks at epoch end)."""
+    genes = collection.var_names_g
+    dataset = ShardedCellDataset(collection, batch_size=400)
+    dataset.set_distributed(rank, world_size)
+    trainer = types.SimpleNamespace(world_size=world_size, global_rank=rank)
+    mean_var_model = OnePassMeanVarStd(genes, n_batch=collection.n_batch, output_path=None)
+    # Each rank shifts by its own first minibatch's mean; the reduction moves them to rank 0's.
+    shifted = OnePassMeanVarStd(genes, algorithm="shifted_data", n_batch=collection.n_batch, output_path=None)
+    digest, hvg = TDigest(genes), HVGSeuratV3(genes, n_top_genes=300, output_path=None)
+    for epoch in range(2):
+        for batch in dataset:
+            keys = {k: batch[k] for k in ("x_ng", "var_names_g", "shard_index_n", "gene_measured_sg")}
+            if epoch == 0:
+                mean_var_model(batch_index_n=batch["batch_index_n"], **keys)
+                shifted(batch_index_n=batch["batch_index_n"], **keys)
+                digest(**keys)
+            hvg(**keys)
+        if epoch == 0:
+            for model in (mean_var_model, shifted, digest):
+                model.on_train_epoch_end(trainer)
+        hvg.on_train_epoch_end(trainer)
+    return {"var_bg": mean_var_model.batch_var_bg.numpy(), "n_cells_bg": mean_var_model.n_cells_bg.numpy(),
+            "shifted_var_g": shifted.var_g.numpy(),
+            "digest_n_cells_g": digest.n_cells_g.numpy(), "median_g": digest.median_g.numpy(),
+            "hvg_n_cells_g": hvg.n_cells_g.numpy(), "variances_norm": hvg.hvg_df["variances_norm"].to_numpy()}
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, collection, queue: mp.Queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        queue.put((rank, _masked_models(collection, rank, world_size)))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+def test_outer_join_statistics_reduce_across_ranks(cells, tmp_path: Path) -> None:
+    """Each rank counts the unmeasured cells of its share; the epoch-end all-reduce sums them with the moments."""
+    shards, _ = gene_subsets(cells)
+    collection = open_shards(write(shards, tmp_path), gene_join="outer", batch_key="chemistry")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").Queue()
+    context = mp.start_processes(_ddp_worker, args=(2, port, collection, queue), nprocs=2, start_method="spawn",
+                                 join=False)
+    # Read before joining: a worker cannot exit while its large result still fills the queue's pipe.
+    results = [result for _, result in sorted((queue.get(timeout=120) for _ in range(2)), key=lambda r: r[0])]
+    while not context.join():
+        pass
+    single = _masked_models(collection)
+    for result in results:
+        for key in ("n_cells_bg", "digest_n_cells_g", "hvg_n_cells_g", "median_g"):
+            np.testing.assert_array_equal(result[key], single[key], err_msg=key)
+        for key in ("var_bg", "variances_norm"):
+            finite = np.isfinite(single[key])
+            np.testing.assert_array_equal(np.isfinite(result[key]), finite)
+            assert_relative(result[key][finite], single[key][finite])
+        # Shifted sums cancel: all-zero genes come out at +-1e-16 rather than 0.
+        np.testing.assert_allclose(result["shifted_var_g"], single["shifted_var_g"],
+                                   rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------- bad input

@@ -47,8 +47,8 @@ def shard_gene_names(store: Store, var_key: str, var_names: str, n_cols: int, ma
         what = f"{var_key}[{var_names!r}]"
     if len(names) != n_cols:
         raise InputError(f"{path}: {what} names {len(names)} genes but {matrix_key} has {n_cols} columns")
-    unique, counts = np.unique(names.astype(str), return_counts=True)
-    if len(unique) != len(names):
+    if len(set(names)) != len(names):
+        unique, counts = np.unique(names.astype(str), return_counts=True)
         duplicates = [str(g) for g in unique[counts > 1][:5]]
         raise InputError(f"{path}: {what} has duplicate gene names, e.g. {duplicates} (--var-names: choose a "
                          "column of unique names)")
