@@ -200,7 +200,7 @@ def test_inner_join_keeps_the_shared_genes(cells, plain, tmp_path: Path) -> None
 
 
 def test_outer_join_counts_only_the_cells_that_measured_a_gene(cells, tmp_path: Path) -> None:
-    shards, lacking = gene_subsets(cells)
+    shards, _ = gene_subsets(cells)
     paths = write(shards, tmp_path)
     collection = open_shards(paths, gene_join="outer")
     assert collection.partial_genes and collection.n_vars == cells.n_vars

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.sources import Store, dataframe_columns, dataframe_index, read_column
@@ -41,7 +42,7 @@ def shard_gene_names(store: Store, var_key: str, var_names: str, n_cols: int, ma
             raise InputError(f"{path}: {var_key} has no column {var_names!r} (--var-names); "
                              f"it has {columns[:10] if columns else 'only an index'}")
         values = np.asarray(read_column(frame, var_names), dtype=object)
-        if any(v is None or v != v for v in values):  # None or NaN
+        if pd.isna(values).any():
             raise InputError(f"{path}: {var_key}[{var_names!r}] has missing gene names (--var-names)")
         names = values.astype(str).astype(object)
         what = f"{var_key}[{var_names!r}]"

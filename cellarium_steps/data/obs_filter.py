@@ -60,7 +60,7 @@ def evaluate_filter(expression: str, store: Store, counts: MatrixInfo) -> np.nda
     df = pd.DataFrame(frame, index=pd.RangeIndex(n_rows)) if frame else pd.DataFrame(index=pd.RangeIndex(n_rows))
     try:
         kept = df.eval(expression, engine="python")
-    except Exception as e:  # pandas raises many types for a bad expression; all are bad input here
+    except Exception as e:  # noqa: BLE001 (pandas raises many types for a bad expression; all are bad input)
         raise InputError(f"{store.path}: --obs-filter {expression!r} failed: {type(e).__name__}: {e}") from None
     kept = pd.Series(kept) if not isinstance(kept, pd.Series) else kept
     if kept.dtype != bool and str(kept.dtype) != "boolean":

@@ -64,9 +64,13 @@ class ShardReader:
         self._files[shard.path] = opened
         return opened
 
-    def _obs_runs(self, shard: Shard, positions: np.ndarray) -> tuple[object, np.ndarray, list[tuple[int, int]]]:
+    def _rows(self, shard: Shard, positions: np.ndarray) -> tuple[Store, np.ndarray]:
+        """The open store and the file rows of the kept cells at ``positions``."""
         store, kept = self._open(shard)
-        rows = positions if kept is None else kept[positions]
+        return store, positions if kept is None else kept[positions]
+
+    def _obs_runs(self, shard: Shard, positions: np.ndarray) -> tuple[object, np.ndarray, list[tuple[int, int]]]:
+        store, rows = self._rows(shard, positions)
         return store["obs"], rows, row_runs(rows)
 
     def read_x(self, shard: Shard, positions: np.ndarray) -> sp.csr_matrix:
@@ -79,17 +83,16 @@ class ShardReader:
     def read_file_x(self, shard: Shard, positions: np.ndarray) -> sp.csr_matrix:
         """Rows (sorted positions) of the counts as CSR in the file's genes, checked for NaN and, if
         required, counts."""
-        store, kept = self._open(shard)
-        rows = positions if kept is None else kept[positions]
+        store, rows = self._rows(shard, positions)
         key = self.collection.x_key
         runs = row_runs(rows)
+        # The file's genes: the collection's, or as many as the shard's column map has.
+        n_cols = self.collection.n_vars if shard.column_map is None else len(shard.column_map)
         if shard.x_encoding == "array":
             x_elem = store[key]
-            n_cols = int(x_elem.shape[1])
             dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_cols))
             x = sp.csr_matrix(dense)
         else:
-            n_cols = int(store[key].attrs["shape"][1])
             datas, indices, lengths = [], [], []
             if runs:
                 lo, hi = runs[0][0], runs[-1][1]

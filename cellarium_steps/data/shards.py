@@ -31,8 +31,8 @@ logger = logging.getLogger(__name__)
 class Shard:
     """One file: where it is, which of its rows and genes the collection takes, how to code its batches.
 
-    Rows are addressed by *position* among the kept cells (0..n_obs-1) everywhere above the reader;
-    :meth:`file_rows` turns positions into the file's rows.
+    Rows are addressed by *position* among the kept cells (0..n_obs-1) everywhere above the reader,
+    which turns positions into the file's rows (:meth:`kept_rows`).
     """
 
     path: str
@@ -50,16 +50,11 @@ class Shard:
     #: the file's genes -> the collection's columns (-1: not taken); None: the same genes, in order
     column_map: np.ndarray | None = None
 
-    def file_rows(self, positions: np.ndarray) -> np.ndarray:
-        """File rows of the kept cells at ``positions`` (sorted positions give sorted rows)."""
-        if self.kept_bits is None:
-            return positions
-        return self.kept_rows()[positions]
-
     def kept_rows(self) -> np.ndarray:
-        n_rows = self.n_rows
-        return np.flatnonzero(np.unpackbits(self.kept_bits, count=n_rows)) if self.kept_bits is not None \
-            else np.arange(n_rows)
+        """The file's rows of the kept cells, sorted (position i is row ``kept_rows()[i]``)."""
+        if self.kept_bits is None:
+            return np.arange(self.n_rows)
+        return np.flatnonzero(np.unpackbits(self.kept_bits, count=self.n_rows))
 
 
 @dataclass(frozen=True)
@@ -143,6 +138,10 @@ class _Survey:
     kept: np.ndarray | None
     batches: BatchCoding | None
 
+    @property
+    def n_obs(self) -> int:
+        return self.n_rows if self.kept is None else int(self.kept.sum())
+
 
 def open_shards(
     inputs: str | Sequence[str],
@@ -188,36 +187,35 @@ def open_shards(
             raise InputError(f"{survey.path}: its counts are in {survey.matrix_key} but {first.path}'s in "
                              f"{first.matrix_key} (--counts {counts}); pass --counts to choose one")
 
-    alignment = align_genes([s.path for s in surveys], [s.genes for s in surveys], gene_join)
     categories = np.array([], dtype=object)
     codings: list[BatchCoding | None] = [None] * len(surveys)
-    if keys:
+    if keys:  # every shard's categories count, an empty shard's too (as AnnData keeps them)
         categories, assigned = assign_batches(paths, [s.batches for s in surveys], keys, batch_categories)
         codings = list(assigned)
-
-    shards = []
-    for survey, coding, column_map in zip(surveys, codings, alignment.column_maps):
-        n_obs = survey.n_rows if survey.kept is None else int(survey.kept.sum())
+    with_cells = []
+    for survey, coding in zip(surveys, codings):
         if obs_filter is not None:
-            logger.info("%s: obs_filter keeps %d of %d cells", survey.path, n_obs, survey.n_rows)
-        if n_obs == 0:
+            logger.info("%s: obs_filter keeps %d of %d cells", survey.path, survey.n_obs, survey.n_rows)
+        if survey.n_obs == 0:
             logger.warning("%s: no cells%s; skipped", survey.path, " kept" if survey.n_rows else "")
-            continue
-        kept_bits = None if survey.kept is None or n_obs == survey.n_rows else np.packbits(survey.kept)
-        shards.append(Shard(survey.path, n_obs, survey.encoding, survey.is_integer, coding, survey.n_rows,
-                            kept_bits, column_map))
-    if not shards:
+        else:
+            with_cells.append((survey, coding))
+    if not with_cells:
         if obs_filter is not None and any(s.n_rows for s in surveys):
             raise InputError(f"--obs-filter {obs_filter!r} keeps no cell of {len(surveys)} shard(s), e.g. {paths[0]}")
         raise InputError("--input: every shard is empty")
-    distinct_maps = {id(s.column_map): s.column_map for s in shards}.values()
-    partial = alignment.partial and any(
-        not measured_genes(m, len(alignment.var_names_g)).all() for m in distinct_maps
+
+    # Genes are joined over the shards that have cells: a skipped shard measures nothing.
+    alignment = align_genes([s.path for s, _ in with_cells], [s.genes for s, _ in with_cells], gene_join)
+    shards = tuple(
+        Shard(survey.path, survey.n_obs, survey.encoding, survey.is_integer, coding, survey.n_rows,
+              None if survey.n_obs == survey.n_rows else np.packbits(survey.kept), column_map)
+        for (survey, coding), column_map in zip(with_cells, alignment.column_maps)
     )
-    batch_key_name = ",".join(keys) if keys else None
     return ShardCollection(
-        tuple(shards), alignment.var_names_g, batch_key_name, categories, obs_columns, first.matrix_key,
-        counts=first.choice, var_names=var_names, gene_join=gene_join, obs_filter=obs_filter, partial_genes=partial,
+        shards, alignment.var_names_g, ",".join(keys) if keys else None, categories, obs_columns, first.matrix_key,
+        counts=first.choice, var_names=var_names, gene_join=gene_join, obs_filter=obs_filter,
+        partial_genes=alignment.partial,
     )
 
 
@@ -228,10 +226,9 @@ def _survey(path: str, keys: tuple[str, ...], obs_columns: tuple[str, ...], coun
             raise InputError(f"{path}: not an AnnData file (no obs or var)")
         location, info = resolve_counts(store, counts, require_counts)
         obs = store["obs"]
-        n_obs_rows = int(obs[obs.attrs.get("_index", "_index")].shape[0]) if obs.attrs.get("_index", "_index") in obs \
-            else info.n_rows
-        if n_obs_rows != info.n_rows:
-            raise InputError(f"{path}: obs has {n_obs_rows} rows but {info.key} has {info.n_rows}")
+        index_key = obs.attrs.get("_index", "_index")
+        if index_key in obs and int(obs[index_key].shape[0]) != info.n_rows:
+            raise InputError(f"{path}: obs has {int(obs[index_key].shape[0])} rows but {info.key} has {info.n_rows}")
         genes = shard_gene_names(store, location.var_key, var_names, info.n_cols, info.key)
         for key in keys + obs_columns:
             if key not in obs:

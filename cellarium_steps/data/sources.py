@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import h5py
 import numpy as np
@@ -128,7 +128,7 @@ class Store:
 
             try:
                 self.root = zarr.open_group(path, mode="r")
-            except Exception as e:  # zarr raises several types for a directory that is not a store
+            except Exception as e:  # noqa: BLE001 (zarr raises several types for a directory that is not a store)
                 raise InputError(f"{path}: not a readable AnnData zarr store ({e})") from None
         else:
             try:
@@ -144,7 +144,7 @@ class Store:
     def __getitem__(self, key: str) -> Any:
         return self.root[key]
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

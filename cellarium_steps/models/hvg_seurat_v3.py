@@ -318,7 +318,9 @@ class HVGSeuratV3(CellariumModel):
         if n_cells_bg is not None:
             n_cells_bg = torch.as_tensor(np.asarray(n_cells_bg, dtype=np.float64))
             if n_cells_bg.shape != expected or (n_cells_bg > n_b1).any() or (n_cells_bg < 0).any():
-                raise ValueError(f"set_batch_statistics: n_cells_bg must have shape {expected} and lie in [0, n_cells_b]")
+                raise ValueError(
+                    f"set_batch_statistics: n_cells_bg must have shape {expected} and lie in [0, n_cells_b]"
+                )
             unmeasured_bg = n_b1 - n_cells_bg
             n_b1 = n_cells_bg
         self.x_size_b.copy_(n_cells_b.to(device))
@@ -619,7 +621,8 @@ class HVGSeuratV3(CellariumModel):
             source = "the statistics given to set_batch_statistics" if self._statistics_given else "the moments pass"
             raise BatchStatisticsMismatchError(
                 f"HVGSeuratV3: the cells that measured each gene differ between {source} and the clipped pass; "
-                "both must see the same shards (pass n_cells_bg to set_batch_statistics for shards with different genes)"
+                "both must see the same shards (pass n_cells_bg to set_batch_statistics for shards with "
+                "different genes)"
             )
         given = self.x_size_b.cpu().numpy().astype(np.int64)
         seen = self.clip_size_b.cpu().numpy().astype(np.int64)

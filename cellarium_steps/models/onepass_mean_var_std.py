@@ -75,7 +75,8 @@ class OnePassMeanVarStd(CellariumModel):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_shift_g, self.x_unmeasured_size_bg):
+        buffers = (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_shift_g, self.x_unmeasured_size_bg)
+        for buffer in buffers:
             buffer.zero_()
         self._shift_set = False
         self._reduced = False
