@@ -247,6 +247,39 @@ def test_outer_join_counts_only_the_cells_that_measured_a_gene(cells, tmp_path: 
         fit_statistics(without, collection, batch_size=1000, max_epochs=1, accelerator="cpu")
 
 
+def test_measured_mask_in_dense_and_sparse_batches() -> None:
+    """The models' masked paths on dense batches (the GPU's layout) and sparse ones agree with numpy;
+    values a caller stores for unmeasured genes never enter a digest."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    names = np.array([f"g{i}" for i in range(6)])
+    x_ng = rng.poisson(2.0, (40, 6)).astype(np.float32)
+    shard_index_n = torch.tensor(rng.integers(0, 2, 40))
+    gene_measured_sg = torch.tensor([[True] * 6, [True, True, False, True, False, True]])
+    measured_ng = gene_measured_sg[shard_index_n].numpy()
+    batch_n = torch.tensor(rng.integers(0, 2, 40))
+    x_masked = np.where(measured_ng, x_ng, 0).astype(np.float32)
+    for algorithm in ("naive", "shifted_data"):
+        for x in (torch.tensor(x_masked), torch.tensor(x_masked).to_sparse_csr()):
+            model = OnePassMeanVarStd(names, algorithm=algorithm, n_batch=2, output_path=None)
+            for rows in np.array_split(np.arange(40), 4):
+                part = x.to_dense()[rows] if x.layout == torch.strided else x.to_dense()[rows].to_sparse_csr()
+                model(part, names, batch_n[rows], shard_index_n[rows], gene_measured_sg)
+            for b in range(2):
+                values = np.where(measured_ng, x_ng, np.nan)[batch_n.numpy() == b].astype(np.float64)
+                np.testing.assert_allclose(model.batch_var_bg[b].numpy(), np.nanvar(values, axis=0), rtol=1e-12)
+                np.testing.assert_array_equal(model.n_cells_bg[b].numpy(), (~np.isnan(values)).sum(0))
+    digest = TDigest(names)
+    digest(torch.tensor(x_ng), names, shard_index_n, gene_measured_sg)  # x_ng stores values where unmeasured
+    nonzero = np.where(measured_ng & (x_ng > 0), x_ng, np.nan)
+    np.testing.assert_array_equal(digest.n_nonzero_g.numpy(), (~np.isnan(nonzero)).sum(0))
+    np.testing.assert_array_equal(digest.median_g.numpy(), np.nanmedian(nonzero, axis=0))
+    np.testing.assert_array_equal(digest.n_cells_g.numpy(), measured_ng.sum(0))
+    with pytest.raises(ValueError, match="go together"):
+        digest(torch.tensor(x_ng), names, shard_index_n, None)
+
+
 @pytest.mark.parametrize("formats", [["zarr2", "zarr2", "h5ad"], ["zarr3", "zarr3", "zarr3"]])
 def test_zarr_stores_stream_like_h5ad(cells, plain, tmp_path: Path, formats: list[str]) -> None:
     paths = write(parts(cells), tmp_path, formats)
