@@ -1,4 +1,4 @@
-"""Shards to batches: open .h5ad files lazily, validate them, split cells across ranks and workers."""
+"""Shards to batches: open .h5ad files and .zarr stores lazily, validate them, split cells across ranks and workers."""
 
 from cellarium_steps.data.dataset import BatchDict, ShardedCellDataset, collate_identity, csr_to_torch
 from cellarium_steps.data.errors import InputError
