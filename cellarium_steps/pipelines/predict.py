@@ -8,6 +8,7 @@ from typing import Any
 
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.outputs.embeddings import ParquetEmbeddingWriter
 from cellarium_steps.runner import CellariumModule, build_trainer
 from cellarium_steps.runner.recipe import RECIPE_KEY, load_checkpoint
@@ -17,7 +18,7 @@ logger = logging.getLogger("cellarium_steps")
 
 def predict(
     *, inputs: Sequence[str], output: str, checkpoint: str, batch_key: str | None = None, batch_size: int = 4096,
-    num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto",
+    num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto", data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> int:
     """Write the checkpoint's per-cell prediction of every cell; returns the rows written on this rank.
@@ -34,6 +35,8 @@ def predict(
     datamodule = ShardDataModule(
         inputs, batch_size=batch_size, batch_key=batch_key, num_workers=num_workers,
         batch_categories=data.get("batch_categories") if batch_key else None,
+        # the matrix and gene names the model was trained on, unless asked otherwise
+        **(data_options or DataOptions()).with_recorded(data.get("source")).open_kwargs(),
     )
     module = CellariumModule.from_checkpoint(checkpoint)
     try:

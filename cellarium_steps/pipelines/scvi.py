@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.errors import ConfigError
+from cellarium_steps.data.options import DataOptions, recorded_source
 from cellarium_steps.data.labels import require_labels, scan_labels
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
@@ -188,6 +189,7 @@ def train_scvi(
     devices: int | str = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """Train scVI (resuming from ``<output>.d/last.ckpt`` if an interrupted run left one) and publish the
@@ -201,7 +203,7 @@ def train_scvi(
         shuffle=True, seed=seed, obs_columns=(cell_type_key,) if cell_type_key else (),
         # The model's library size is the observed one (no use_size_factor_key), and only the
         # held-out split names cells: neither column is read otherwise.
-        with_totals=False, with_obs_names=validating,
+        with_totals=False, with_obs_names=validating, **(data_options or DataOptions()).open_kwargs(),
     )
     collection = datamodule.collection
     cell_types: list[str] = []
@@ -237,7 +239,8 @@ def train_scvi(
         "transforms": [spec(Filter, filter_list=gene_list)] if gene_list is not None else [],
         "data": {
             "input_var_names_g": collection.var_names_g,
-            "batch_key": batch_key,
+            "source": recorded_source(collection),
+            "batch_key": collection.batch_key,
             "batch_categories": collection.batch_categories,
             "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": n_latent},
             "validation": {"val_fraction": val_fraction, "cell_type_key": cell_type_key,
