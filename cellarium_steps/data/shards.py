@@ -154,6 +154,7 @@ def open_shards(
     gene_join: str = "same",
     obs_filter: str | None = None,
     require_counts: bool = True,
+    allow_csc: bool = False,
 ) -> ShardCollection:
     """Read and cross-check every shard's metadata; raise :class:`InputError` on bad input.
 
@@ -173,6 +174,9 @@ def open_shards(
         obs_filter: A ``DataFrame.query`` expression over obs columns and ``n_genes``; only the
             cells it keeps are read (see :mod:`~cellarium_steps.data.obs_filter`).
         require_counts: Whether counts are needed; without, ``counts="auto"`` falls back to ``X``.
+        allow_csc: Accept counts stored as CSC (``Shard.x_encoding == "csc_matrix"``): only for a reader
+            given their rows by :class:`~cellarium_steps.data.csc.CSCRows` (``convert``); every other
+            step refuses them here, before any pass.
 
     Shards without cells (or without kept cells) are skipped with a warning.
     """
@@ -180,7 +184,8 @@ def open_shards(
     keys = parse_batch_key(batch_key)
     check_counts_option(counts)
     obs_columns = tuple(obs_columns)
-    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts) for path in paths]
+    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts, allow_csc)
+               for path in paths]
     first = surveys[0]
     for survey in surveys[1:]:
         if survey.choice != first.choice:
@@ -220,11 +225,11 @@ def open_shards(
 
 
 def _survey(path: str, keys: tuple[str, ...], obs_columns: tuple[str, ...], counts: str, var_names: str,
-            obs_filter: str | None, require_counts: bool) -> _Survey:
+            obs_filter: str | None, require_counts: bool, allow_csc: bool) -> _Survey:
     with Store(path) as store:
         if "obs" not in store or "var" not in store:
             raise InputError(f"{path}: not an AnnData file (no obs or var)")
-        location, info = resolve_counts(store, counts, require_counts)
+        location, info = resolve_counts(store, counts, require_counts, allow_csc)
         obs = store["obs"]
         index_key = obs.attrs.get("_index", "_index")
         if index_key in obs and int(obs[index_key].shape[0]) != info.n_rows:
