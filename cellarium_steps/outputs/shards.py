@@ -182,15 +182,15 @@ class ShardBuckets:
 def check_output_directory(output: str, inputs: Sequence[str]) -> None:
     """``output`` may be created or replaced: absent, empty, or an earlier convert's (it has the manifest);
     no input lies inside it. An :class:`InputError` otherwise, before anything is written."""
+    root = os.path.realpath(output)
+    for path in inputs:
+        if os.path.commonpath([root, os.path.realpath(path)]) == root:
+            raise InputError(f"--output: {output} holds the input {path}; convert into another directory")
     if os.path.exists(output) and not os.path.isdir(output):
         raise InputError(f"--output: {output} is a file; convert writes a directory of shards")
     if os.path.isdir(output) and os.listdir(output) and not os.path.isfile(os.path.join(output, MANIFEST)):
         raise InputError(f"--output: {output} exists and is not an earlier convert's output (no {MANIFEST}); "
                          "choose a new directory or empty it")
-    root = os.path.realpath(output)
-    for path in inputs:
-        if os.path.commonpath([root, os.path.realpath(path)]) == root:
-            raise InputError(f"--output: {output} holds the input {path}; convert into another directory")
 
 
 @contextlib.contextmanager
