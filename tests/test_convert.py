@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 import test_real_layouts
+import yaml
 from conftest import run_cli
 from test_export import run_killed
 from test_real_layouts import (
@@ -36,6 +37,7 @@ from test_real_layouts import (
     parts,
     write,
 )
+from test_workflow import TINY, snakemake
 
 from cellarium_steps.data import InputError, open_shards
 from cellarium_steps.data.csc import CSCRows
@@ -278,3 +280,46 @@ def test_csc_rows_over_many_column_blocks_and_windows(cells, tmp_path: Path) -> 
     assert x.has_canonical_format and (x != cells.X[wanted]).nnz == 0
     rows.close()
     assert not (tmp_path / "buckets").exists()
+
+
+def workflow_config(tmp_path: Path, **keys) -> str:
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "results": str(tmp_path / "results"), "convert": True, **keys}))
+    return str(config)
+
+
+def planned_commands(config: str) -> dict[str, str]:
+    """Each planned step's shell command, by step (two predict jobs: the last one)."""
+    plan = snakemake("-n", "-p", "--cores", "2", "--configfile", config).stdout
+    commands = [line.split("Shell command: ", 1)[1] for line in plan.splitlines() if "Shell command: " in line]
+    return {c.split()[1]: c for c in commands if c.startswith("cellarium-steps ")}
+
+
+def test_the_workflow_reads_the_converted_shards_when_convert_is_on(tmp_path: Path) -> None:
+    commands = planned_commands(workflow_config(tmp_path))
+    results = tmp_path / "results"
+    assert set(commands) >= {"simulate", "convert", "mean-var", "tdigest", "hvg", "pca", "train-scvi", "predict"}
+    assert commands["convert"].startswith(f"cellarium-steps convert --input '{results}/demo_shards/*.h5ad' "
+                                          f"--batch-key batch --output {results}/converted ")
+    assert "--shuffle" in commands["convert"] and "--obs-columns" not in commands["convert"]
+    for step, command in commands.items():
+        if step not in ("simulate", "convert", "report"):  # the report reads no shard
+            assert f"--input '{results}/converted/shard_*.h5ad'" in command, command
+    # a list of obs columns keeps the cell type key too (convert itself keeps the batch key's)
+    config = workflow_config(tmp_path, convert_shards={"obs_columns": ["donor"], "shuffle": False})
+    command = planned_commands(config)["convert"]
+    assert "--obs-columns donor cell_type_ontology_term_id" in command and "--shuffle" not in command
+
+
+@pytest.mark.slow
+def test_the_workflow_statistics_on_converted_demo_shards(tmp_path: Path) -> None:
+    config = workflow_config(tmp_path, convert_shards={"cells_per_shard": 500})
+    snakemake("statistics", "--cores", "2", "--configfile", config)
+    results = tmp_path / "results"
+    assert len(glob.glob(str(results / "converted" / "shard_*.h5ad"))) == 3  # 1,200 demo cells
+    direct = tmp_path / "direct.csv"
+    run_cli("mean-var", "--input", str(results / "demo_shards" / "*.h5ad"), "--batch-key", "batch",
+            "--output", str(direct), "--quiet")
+    ours, expected = pd.read_csv(results / "statistics" / "mean_var.csv"), pd.read_csv(direct)
+    assert_relative(ours["mean"].to_numpy(), expected["mean"].to_numpy())
+    assert_relative(ours["var"].to_numpy(), expected["var"].to_numpy())
