@@ -67,7 +67,8 @@ class CSCRows:
         os.makedirs(self.directory, exist_ok=True)
         indptr = store.read(f"{self.key}/indptr", 0, self.n_cols + 1).astype(np.int64)
         if len(indptr) != self.n_cols + 1 or indptr[0] != 0 or (np.diff(indptr) < 0).any():
-            raise InputError(f"{self.path}: {self.key}/indptr is not the column pointers of a {self.n_cols}-column CSC matrix")
+            raise InputError(f"{self.path}: {self.key}/indptr is not the column pointers of a {self.n_cols}-column "
+                             "CSC matrix")
         if self.block_entries is None:  # default: one read window's worth of entries (at least a million)
             per_row = -(-int(indptr[-1]) // max(self.n_rows, 1))
             self.block_entries = max(1 << 20, self.window_rows * per_row)

@@ -60,6 +60,18 @@ class ObsColumnType:
         return pd.concat([pd.Series(p, dtype=self.dtype) for p in parts], ignore_index=True).array
 
 
+def split_columns(values: Sequence[str] | str | None) -> list[str]:
+    """``a,b c`` (commas or separate arguments, as --obs-columns and a YAML list give them) -> [a, b, c]."""
+    if values is None:
+        return []
+    items = [values] if isinstance(values, str) else values
+    columns = [c.strip() for item in items for c in str(item).split(",") if c.strip()]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if duplicated:
+        raise InputError(f"--obs-columns: {duplicated} listed more than once")
+    return columns
+
+
 def file_column_dtype(elem: Any) -> Any | None:
     """The pandas dtype of one file's obs column from its metadata; None if it is not one we can carry."""
     encoding = encoding_type(elem)
@@ -72,7 +84,8 @@ def file_column_dtype(elem: Any) -> Any | None:
     if encoding == "nullable-boolean":
         return pd.BooleanDtype()
     if encoding == "nullable-integer":
-        return pd.api.types.pandas_dtype(np.dtype(elem["values"].dtype).name.replace("int", "Int").replace("uInt", "UInt"))
+        name = np.dtype(elem["values"].dtype).name  # int32 -> Int32, uint8 -> UInt8
+        return pd.api.types.pandas_dtype(name.replace("int", "Int").replace("uInt", "UInt"))
     if encoding == "array" and not is_group(elem) and len(elem.shape) == 1:
         dtype = np.dtype(elem.dtype)
         if dtype.kind in "biuf":
@@ -123,7 +136,8 @@ def obs_column_types(paths: Sequence[str], columns: Sequence[str], *, skip_untyp
 def _unify(column: str, per_file: list[tuple[str, Any]], option: str) -> Any:
     for path, dtype in per_file:
         if dtype is None:
-            raise InputError(f"{path}: obs[{column!r}] is not a column of numbers, booleans, text or categories ({option})")
+            raise InputError(f"{path}: obs[{column!r}] is not a column of numbers, booleans, text or categories "
+                             f"({option})")
     dtypes = [d for _, d in per_file]
     if all(isinstance(d, pd.CategoricalDtype) for d in dtypes):
         categories = pd.Index(dtypes[0].categories)
@@ -133,8 +147,8 @@ def _unify(column: str, per_file: list[tuple[str, Any]], option: str) -> Any:
         return pd.CategoricalDtype(categories, ordered=ordered)
     plain = [d.categories.dtype if isinstance(d, pd.CategoricalDtype) else d for d in dtypes]
     unified = pd.concat([pd.Series([], dtype=d) for d in plain]).dtype
-    text = [d == object or isinstance(d, pd.StringDtype) for d in plain]
-    if unified == object and not all(text):
+    text = [pd.api.types.is_object_dtype(d) or isinstance(d, pd.StringDtype) for d in plain]
+    if pd.api.types.is_object_dtype(unified) and not all(text):
         (path_a, a), (path_b, b) = per_file[0], next(((p, d) for p, d in per_file if str(d) != str(per_file[0][1])))
         raise InputError(f"{path_b}: obs[{column!r}] is {b}, but in {path_a} it is {a}: no common type ({option})")
     if any(isinstance(d, pd.StringDtype) for d in plain):

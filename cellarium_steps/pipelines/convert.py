@@ -38,7 +38,7 @@ from cellarium_steps.data.batches import parse_batch_key
 from cellarium_steps.data.counts import counts_location
 from cellarium_steps.data.csc import CSCRows
 from cellarium_steps.data.errors import ConfigError, InputError
-from cellarium_steps.data.obs_columns import common_obs_columns, obs_column_types
+from cellarium_steps.data.obs_columns import common_obs_columns, obs_column_types, split_columns
 from cellarium_steps.data.options import DataOptions
 from cellarium_steps.data.reader import ShardReader
 from cellarium_steps.data.shards import ShardCollection, expand_inputs, open_shards
@@ -51,7 +51,6 @@ from cellarium_steps.outputs.shards import (
     shard_file_name,
     write_csr_h5ad,
 )
-from cellarium_steps.pipelines.export import split_columns
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -74,8 +73,9 @@ class ConvertSummary:
 
 
 def convert(
-    *, inputs: Sequence[str], output: str, cells_per_shard: int = 20_000, obs_columns: Sequence[str] | str | None = None,
-    shuffle: bool = False, batch_key: str | None = None, batch_size: int = 10_000, seed: int = 0,
+    *, inputs: Sequence[str], output: str, cells_per_shard: int = 20_000,
+    obs_columns: Sequence[str] | str | None = None, shuffle: bool = False, batch_key: str | None = None,
+    batch_size: int = 10_000, seed: int = 0,
     data_options: DataOptions | None = None, provenance: dict[str, Any] | None = None,
 ) -> ConvertSummary:
     """Write ``output/shard_*.h5ad`` (``cells_per_shard`` cells each) and ``output/convert.json``; see the
@@ -107,7 +107,8 @@ def convert(
     if shuffle:
         destination = np.random.default_rng(seed).permutation(n_cells)
         destination = destination.astype(np.int32 if n_cells <= _INT32_MAX else np.int64)
-    summary = ConvertSummary(output, n_cells, collection.n_vars, [shard_file_name(k, n_shards) for k in range(n_shards)])
+    files = [shard_file_name(k, n_shards) for k in range(n_shards)]
+    summary = ConvertSummary(output, n_cells, collection.n_vars, files)
     uns = {UNS_PROVENANCE: json.dumps(provenance or {}, default=str, sort_keys=True)}
 
     def manifest() -> dict[str, Any]:
@@ -120,17 +121,17 @@ def convert(
             "obs_columns": [c.name for c in columns],
             "unmeasured_genes_are_zero": collection.partial_genes,
             "inputs": [{"path": s.path, "n_cells": s.n_obs,
-                        "n_genes_missing": 0 if s.column_map is None else collection.n_vars - int((s.column_map >= 0).sum())}
-                       for s in collection.shards],
+                        "n_genes_missing": int((~collection.gene_measured_g(i)).sum())}
+                       for i, s in enumerate(collection.shards)],
             "provenance": provenance or {},
         }
 
     with converted_directory(output, manifest) as tmp:
         spill = os.path.join(tmp, _SPILL)
 
-        def write(index: int, x: sp.csr_matrix, obs: pd.DataFrame) -> None:
-            write_csr_h5ad(os.path.join(tmp, summary.files[index]), x, obs, var, uns)
-            logger.info("wrote %s (%d cells)", summary.files[index], x.shape[0])
+        def write(index: int, parts: list[sp.csr_matrix], obs: pd.DataFrame) -> None:
+            write_csr_h5ad(os.path.join(tmp, summary.files[index]), parts, obs, var, uns)
+            logger.info("wrote %s (%d cells)", summary.files[index], len(obs))
 
         buckets = ShardBuckets(sizes, columns, spill, write, spill_cells=cells_per_shard + batch_size)
         reader = ShardReader(collection)
@@ -197,7 +198,7 @@ def output_var(collection: ShardCollection) -> pd.DataFrame:
     if not genes.isin(frame.index).all():  # genes the first input lacks (outer join): types that hold missing values
         for column in frame.columns:
             kind = frame[column].dtype
-            if kind == object:
+            if pd.api.types.is_object_dtype(kind):
                 frame[column] = frame[column].astype(pd.StringDtype())
             elif isinstance(kind, np.dtype) and kind.kind in "biu":
                 frame[column] = frame[column].astype("boolean" if kind.kind == "b" else "Int64")
