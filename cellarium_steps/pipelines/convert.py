@@ -16,8 +16,9 @@ in one temporary file per output shard (every entry written and read once more, 
 size on disk) and the shards are written at the end.
 
 Memory: one read window, the cells waiting in memory (at most ``cells_per_shard + batch_size``) and
-one output shard being assembled (twice its rows); with ``shuffle`` the permutation, 4 bytes per cell
-(12 while it is drawn); for a CSC input, about two read windows' worth of entries during its column pass.
+one output shard being assembled (twice its rows when shuffled); with ``shuffle`` the permutation,
+4 bytes per cell (12 while it is drawn); for a CSC input, about two read windows' worth of entries
+during its column pass.
 """
 
 from __future__ import annotations

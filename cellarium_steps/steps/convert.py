@@ -32,8 +32,9 @@ how, and what it costs:
   (8 bytes + the value's size per entry), then its rows are read window by window.
 
 memory: one read window (--batch-size cells), at most --cells-per-shard + --batch-size cells waiting, and one
-  output shard being assembled (twice its rows); with --shuffle also the permutation, 4 bytes per cell (12 while drawn); for
-  a CSC input about two read windows' worth of entries during its column pass. Never the whole input.
+  output shard being assembled (twice its rows when shuffled); with --shuffle also the permutation, 4 bytes a
+  cell (12 while drawn); for a CSC input about two read windows' worth of entries during its column pass.
+  Never the whole input.
 
 example:
   cellarium-steps convert --input 'cellxgene/*.h5ad' --counts raw --var-names feature_name \\
