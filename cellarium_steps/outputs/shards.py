@@ -179,12 +179,15 @@ class ShardBuckets:
         parts = [c.x for c in groups]
         names = np.concatenate([c.names for c in groups])
         columns = {column.name: column.decode([c.columns[column.name] for c in groups]) for column in self.columns}
+        del groups
         if not in_order:  # rows gathered into their order; in order, the parts are written as they are
-            parts = [(parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr"))[order]]
+            stacked = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+            del parts  # at most two copies of the shard's rows at a time: as they came and gathered
+            parts = [stacked[order]]
+            del stacked
             names = names[order]
             columns = {name: values[order] for name, values in columns.items()}
         obs = pd.DataFrame(columns, index=pd.Index(names, dtype=object))
-        del groups
         self.write(index, parts, obs)
         self.written[index] = True
 
