@@ -64,19 +64,25 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
     raw_info = store.matrix_info("raw/X")
     raw_bad = None if raw_info is None else store.first_non_integer(raw_info)
     if raw_info is not None and raw_bad is None:
-        logger.info("%s: X holds non-integer values (e.g. %g); reading the integer counts in raw/X (--counts raw)",
-                    path, x_bad)
+        logger.info("%s: X holds non-integer values (e.g. %s); reading the integer counts in raw/X (--counts raw)",
+                    path, _example(x_bad))
         return counts_location("raw"), _streamable(path, raw_info, "auto")
     if not require_counts:
-        logger.info("%s: X holds non-integer values (e.g. %g); read as they are (counts not required)", path, x_bad)
+        logger.info("%s: X holds non-integer values (e.g. %s); read as they are (counts not required)", path,
+                    _example(x_bad))
         return counts_location("X"), _streamable(path, x_info, "auto")
-    found = [f"X holds non-integer values (e.g. {x_bad:g})"]
-    found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {raw_bad:g})")
+    found = [f"X holds non-integer values (e.g. {_example(x_bad)})"]
+    found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {_example(raw_bad)})")
     layers = _integer_layers(store)
     hint = f"pass --counts {layers[0]}" if layers else "raw integer UMI counts are required"
     if layers:
         found.append(f"{', '.join(layers)} hold{'s' if len(layers) == 1 else ''} integer counts")
     raise InputError(f"{path}: no integer counts found (--counts auto): {'; '.join(found)}: {hint}")
+
+
+def _example(value_and_row: tuple[float, int]) -> str:
+    value, row = value_and_row
+    return f"{value:g} in cell row {row}"
 
 
 def _streamable(path: str, info: MatrixInfo, counts: str) -> MatrixInfo:

@@ -179,8 +179,9 @@ class Store:
             return MatrixInfo(key, encoding, int(elem.shape[0]), int(elem.shape[1]), np.dtype(elem.dtype))
         return MatrixInfo(key, encoding, -1, -1, np.dtype(np.float64))
 
-    def first_non_integer(self, info: MatrixInfo) -> float | None:
-        """A value among the first stored ones that is not an integer (NaN and inf included), else None.
+    def first_non_integer(self, info: MatrixInfo) -> tuple[float, int] | None:
+        """A value among the first stored ones that is not an integer (NaN and inf included) and its row,
+        else None.
 
         A bounded sample (the first chunks of the data), so that choosing the matrix costs no pass;
         the reader still checks every value it reads.
@@ -188,13 +189,25 @@ class Store:
         if info.is_integer_dtype:
             return None
         elem = self.root[info.key]
-        if info.encoding in ("csr_matrix", "csc_matrix"):
+        sparse = info.encoding in ("csr_matrix", "csc_matrix")
+        if sparse:
             sample = np.asarray(elem["data"][:SAMPLE_VALUES])
         else:
             sample = np.asarray(elem[: max(1, SAMPLE_VALUES // max(info.n_cols, 1))]).ravel()
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(sample) | (sample != np.round(sample))
-        return float(sample[np.argmax(bad)]) if bad.any() else None
+        if not bad.any():
+            return None
+        position = int(np.argmax(bad))
+        if info.encoding == "csr_matrix":
+            # the row whose stored entries include this position
+            indptr = np.asarray(elem["indptr"][: min(info.n_rows, position + 1) + 1])
+            row = int(np.searchsorted(indptr, position, side="right")) - 1
+        elif sparse:  # CSC stores columns: find the row among the indices
+            row = int(np.asarray(elem["indices"][position : position + 1])[0])
+        else:
+            row = position // max(info.n_cols, 1)
+        return float(sample[position]), row
 
     def stored_per_row(self, info: MatrixInfo) -> np.ndarray:
         """Stored entries of each row (int64): the row pointers' differences, or a scan of a dense matrix."""
