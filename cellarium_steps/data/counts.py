@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.sources import STREAMABLE_ENCODINGS, MatrixInfo, Store
 
@@ -53,7 +55,14 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
         info = store.matrix_info(location.matrix_key)
         if info is None:
             raise InputError(f"{path}: no matrix at {location.matrix_key!r} (--counts {counts}){_found(store)}")
-        return location, _streamable(path, info, counts)
+        info = _streamable(path, info, counts)
+        bad = store.first_non_integer_at(info) if require_counts else None
+        if bad is not None:  # a normalized matrix shows in its first values: fail before any pass
+            value, row = bad
+            what = "non-integer values" if np.isfinite(value) else "NaN or infinite values"
+            raise InputError(f"{path}: {info.key} has {what} (e.g. {value:g}, cell row {row}; --counts {counts}): "
+                             "raw integer UMI counts are required, not normalized data")
+        return location, info
 
     x_info = store.matrix_info("X")
     if x_info is None:
