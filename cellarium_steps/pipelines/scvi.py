@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.errors import ConfigError
-from cellarium_steps.data.options import DataOptions, recorded_covariates, recorded_source
 from cellarium_steps.data.labels import require_labels, scan_labels
+from cellarium_steps.data.options import DataOptions, recorded_covariates, recorded_source
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
 from cellarium_steps.outputs.genes import selected_genes
