@@ -7,6 +7,7 @@ Shards are written from PBMC cells (tests/test_real_layouts.py builds the layout
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import anndata as ad
@@ -15,6 +16,7 @@ import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 import torch
+import yaml
 from conftest import run_cli
 from test_real_layouts import cells, cellxgene_style, gene_subsets, normalized, parts, write  # noqa: F401
 
@@ -244,3 +246,99 @@ def test_bad_covariates_stop_train_scvi_before_the_pass(small_shards, tmp_path, 
     assert code == 2 and len(err.splitlines()) == 1, err
     assert small_shards["nan"] in err and expected in err
     assert not list(tmp_path.iterdir())
+
+
+# -- the workflow: the global data options, a list batch key, hvg's own, and the census recipe ---------------
+
+CENSUS_CONFIG = "docs/example_census_scvi_config.yaml"
+CENSUS_BATCH = ["dataset_id", "assay", "suspension_type", "donor_id"]
+ASSAYS = {"10x_3p_v1": "10x 3' v1", "10x_3p_v2": "10x 3' v2", "10x_3p_v3": "10x 3' v3", "10x_5p_v1": "10x 5' v1"}
+
+
+def census_style(part: ad.AnnData) -> ad.AnnData:
+    """A CELLxGENE Discover download of PBMC cells: normalized X over 6,000 of the genes, integer counts of
+    all 7,152 in raw/X, Ensembl-like index with feature_name, and the Census's obs columns made from the
+    PBMC file's (one study as single nuclei, another's cells not primary data)."""
+    study = part.obs["study"].astype(str)
+    obs = pd.DataFrame({
+        "dataset_id": pd.Categorical(study),
+        "assay": pd.Categorical(part.obs["chemistry"].astype(str).map(ASSAYS)),
+        "suspension_type": pd.Categorical(np.where(study == "Kang2018", "nucleus", "cell")),
+        "donor_id": pd.Categorical(part.obs["donor"].astype(str)),
+        "is_primary_data": (study != "10x_pbmc_1k_v3").to_numpy(),
+        "cell_type_ontology_term_id": part.obs["cell_type_ontology_term_id"],
+    }, index=part.obs_names)
+    return cellxgene_style(ad.AnnData(X=part.X, obs=obs, var=part.var))
+
+
+def test_workflow_passes_the_data_options_and_batch_keys_to_every_step(tmp_path: Path, mixed_shards) -> None:
+    from test_workflow import snakemake
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": [mixed_shards[0], str(Path(mixed_shards[1]).parent / "*.zarr")], "results": str(tmp_path / "r"),
+        "counts": "X", "var_names": "index", "gene_join": "outer", "obs_filter": FILTER, "batch_key": BATCH,
+        "hvg": {"batch_key": "chemistry"}, "train_scvi": {"categorical_covariate_keys": ["condition", "donor"]},
+    }))
+    plan = snakemake("-n", "-p", "--cores", "1", "--configfile", str(config)).stdout
+    shell = [line[line.index("cellarium-steps "):] for line in plan.splitlines() if "cellarium-steps " in line]
+    commands = {command.split()[1]: command for command in shell}
+    reading = ("mean-var", "tdigest", "hvg", "pca", "train-scvi", "predict", "train-socam", "export")
+    assert set(reading) <= set(commands)
+    for step in reading:
+        assert mixed_shards[1] in commands[step]  # the .zarr store, found by the glob
+        assert f"--counts X --var-names index --gene-join outer --obs-filter {shlex.quote(FILTER)}" in commands[step]
+    for step in ("mean-var", "train-scvi", "export"):
+        assert "--batch-key study,chemistry" in commands[step]
+    assert "--batch-key chemistry" in commands["hvg"] and "--mean-var" not in commands["hvg"]
+    assert "--categorical-covariate-keys condition donor" in commands["train-scvi"]
+
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "r"), "obs_filter": 3}))
+    result = snakemake("-n", "--cores", "1", "--configfile", str(config), check=False)
+    assert result.returncode != 0 and "obs_filter" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_census_example_config_runs_end_to_end(cells, tmp_path: Path) -> None:  # noqa: F811
+    from test_workflow import snakemake
+
+    downloads = [census_style(part) for part in parts(cells)]
+    paths = write(downloads, tmp_path / "cellxgene")
+    results = tmp_path / "results"
+    small = tmp_path / "small.yaml"  # a few thousand cells, one epoch: the recipe's shape, not its size
+    small.write_text(yaml.safe_dump({
+        "input": str(tmp_path / "cellxgene" / "*.h5ad"), "results": str(results), "accelerator": "cpu",
+        "hvg": {"batch_key": ["suspension_type", "assay"], "n_top_genes": 500},
+        "pca": {"n_components": 10},
+        "train_scvi": {"max_epochs": 1, "n_latent": 8, "n_hidden": 64, "batch_size": 256, "learning_rate": 0.001},
+        "report": {"sample_size": 1000},
+    }))
+    snakemake("--cores", "2", "--configfile", CENSUS_CONFIG, str(small))
+
+    obs = pd.concat([d.obs for d in downloads])
+    n_genes = np.concatenate([np.diff(d.raw.X.indptr) for d in downloads])
+    kept = obs.assign(n_genes=n_genes).query("is_primary_data == True and n_genes >= 300")
+    assert 0 < len(kept) < len(obs) and not kept["is_primary_data"].eq(False).any()
+    expected_batch = kept[CENSUS_BATCH].astype(str).agg("|".join, axis=1)
+
+    batch_table = pd.read_parquet(results / "statistics" / "mean_var.parquet")
+    assert set(batch_table["batch"]) == set(expected_batch)
+    genes = pd.read_csv(results / "statistics" / "mean_var.csv")["gene"]
+    assert len(genes) == cells.n_vars and genes.str.startswith("ENSG").all()  # raw/var's index: all raw genes
+    hvg = pd.read_parquet(results / "hvg" / "hvg.parquet")
+    assert hvg["highly_variable"].sum() == 500
+    recipe = torch.load(results / "scvi" / "scvi.ckpt", weights_only=True)["cellarium_steps_recipe"]
+    assert recipe["data"]["source"] == {"counts": "raw", "var_names": "index"}
+    assert recipe["data"]["batch_key"] == ",".join(CENSUS_BATCH)
+    assert set(recipe["data"]["batch_categories"]) == set(expected_batch)
+
+    table = ds.dataset(results / "export" / "cells.parquet", partitioning="hive").to_table().to_pandas()
+    assert sorted(table["cell_id"]) == sorted(kept.index)
+    by_cell = table.set_index("cell_id").loc[kept.index]
+    np.testing.assert_array_equal(by_cell["batch"].astype(str), expected_batch)
+    np.testing.assert_array_equal(by_cell["donor_id"].astype(str), kept["donor_id"].astype(str))
+    assert np.isfinite(np.stack(by_cell["scvi_latent"])).all()
+    written = ad.concat([ad.read_h5ad(results / "export" / "anndata" / f"{Path(p).stem}.h5ad") for p in paths])
+    assert written.n_obs == len(obs) and written.obsm["X_scVI"].shape == (len(obs), 8)
+    left_out = ~written.obs_names.isin(kept.index)
+    assert np.isnan(written.obsm["X_scVI"][left_out]).all() and np.isfinite(written.obsm["X_scVI"][~left_out]).all()
