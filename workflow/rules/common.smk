@@ -19,10 +19,8 @@ def user_shards():
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise WorkflowError(f"config input: no file matches {pattern!r}")
-        # a store given as 'x.zarr/' is the directory x.zarr
-        paths += [
-            m.rstrip("/") if m.rstrip("/").endswith(".zarr") else m for m in matches
-        ]
+        # .zarr stores are directories: a glob lists them as it lists files
+        paths += matches
     return paths
 
 
