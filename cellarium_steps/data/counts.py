@@ -79,7 +79,8 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
     if not require_counts:
         logger.info("%s: X holds non-integer values (e.g. %g); read as they are (counts not required)", path, x_bad)
         return counts_location("X"), _streamable(path, x_info, "auto")
-    found = [f"X holds non-integer values (e.g. {x_bad:g})"]
+    x_bad, x_row = store.first_non_integer_at(x_info) or (x_bad, -1)  # the row only now: it reads X's indptr
+    found = [f"X holds non-integer values (e.g. {x_bad:g}, cell row {x_row})"]
     found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {raw_bad:g})")
     layers = _integer_layers(store)
     hint = f"pass --counts {layers[0]}" if layers else "raw integer UMI counts are required"
