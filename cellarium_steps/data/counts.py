@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.sources import STREAMABLE_ENCODINGS, MatrixInfo, Store
 
@@ -53,7 +55,14 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
         info = store.matrix_info(location.matrix_key)
         if info is None:
             raise InputError(f"{path}: no matrix at {location.matrix_key!r} (--counts {counts}){_found(store)}")
-        return location, _streamable(path, info, counts)
+        info = _streamable(path, info, counts)
+        bad = store.first_non_integer_at(info) if require_counts else None
+        if bad is not None:  # a normalized matrix shows in its first values: fail before any pass
+            value, row = bad
+            what = "non-integer values" if np.isfinite(value) else "NaN or infinite values"
+            raise InputError(f"{path}: {info.key} has {what} (e.g. {value:g}, cell row {row}; --counts {counts}): "
+                             "raw integer UMI counts are required, not normalized data")
+        return location, info
 
     x_info = store.matrix_info("X")
     if x_info is None:
@@ -64,25 +73,20 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
     raw_info = store.matrix_info("raw/X")
     raw_bad = None if raw_info is None else store.first_non_integer(raw_info)
     if raw_info is not None and raw_bad is None:
-        logger.info("%s: X holds non-integer values (e.g. %s); reading the integer counts in raw/X (--counts raw)",
-                    path, _example(x_bad))
+        logger.info("%s: X holds non-integer values (e.g. %g); reading the integer counts in raw/X (--counts raw)",
+                    path, x_bad)
         return counts_location("raw"), _streamable(path, raw_info, "auto")
     if not require_counts:
-        logger.info("%s: X holds non-integer values (e.g. %s); read as they are (counts not required)", path,
-                    _example(x_bad))
+        logger.info("%s: X holds non-integer values (e.g. %g); read as they are (counts not required)", path, x_bad)
         return counts_location("X"), _streamable(path, x_info, "auto")
-    found = [f"X holds non-integer values (e.g. {_example(x_bad)})"]
-    found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {_example(raw_bad)})")
+    x_bad, x_row = store.first_non_integer_at(x_info) or (x_bad, -1)  # the row only now: it reads X's indptr
+    found = [f"X holds non-integer values (e.g. {x_bad:g}, cell row {x_row})"]
+    found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {raw_bad:g})")
     layers = _integer_layers(store)
     hint = f"pass --counts {layers[0]}" if layers else "raw integer UMI counts are required"
     if layers:
         found.append(f"{', '.join(layers)} hold{'s' if len(layers) == 1 else ''} integer counts")
     raise InputError(f"{path}: no integer counts found (--counts auto): {'; '.join(found)}: {hint}")
-
-
-def _example(value_and_row: tuple[float, int]) -> str:
-    value, row = value_and_row
-    return f"{value:g} in cell row {row}"
 
 
 def _streamable(path: str, info: MatrixInfo, counts: str) -> MatrixInfo:

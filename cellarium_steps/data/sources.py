@@ -179,13 +179,17 @@ class Store:
             return MatrixInfo(key, encoding, int(elem.shape[0]), int(elem.shape[1]), np.dtype(elem.dtype))
         return MatrixInfo(key, encoding, -1, -1, np.dtype(np.float64))
 
-    def first_non_integer(self, info: MatrixInfo) -> tuple[float, int] | None:
-        """A value among the first stored ones that is not an integer (NaN and inf included) and its row,
-        else None.
+    def first_non_integer(self, info: MatrixInfo) -> float | None:
+        """A value among the first stored ones that is not an integer (NaN and inf included), else None.
 
         A bounded sample (the first chunks of the data), so that choosing the matrix costs no pass;
         the reader still checks every value it reads.
         """
+        found = self.first_non_integer_at(info)
+        return None if found is None else found[0]
+
+    def first_non_integer_at(self, info: MatrixInfo) -> tuple[float, int] | None:
+        """:meth:`first_non_integer` and the row that holds it (CSR rows; a CSC matrix's column)."""
         if info.is_integer_dtype:
             return None
         elem = self.root[info.key]
@@ -198,16 +202,12 @@ class Store:
             bad = ~np.isfinite(sample) | (sample != np.round(sample))
         if not bad.any():
             return None
-        position = int(np.argmax(bad))
-        if info.encoding == "csr_matrix":
-            # the row whose stored entries include this position
-            indptr = np.asarray(elem["indptr"][: min(info.n_rows, position + 1) + 1])
-            row = int(np.searchsorted(indptr, position, side="right")) - 1
-        elif sparse:  # CSC stores columns: find the row among the indices
-            row = int(np.asarray(elem["indices"][position : position + 1])[0])
-        else:
-            row = position // max(info.n_cols, 1)
-        return float(sample[position]), row
+        i = int(np.argmax(bad))
+        if not sparse:
+            return float(sample[i]), i // max(info.n_cols, 1)
+        # Only on bad input: the whole row pointer array, to name the row
+        indptr = np.asarray(elem["indptr"][...]).astype(np.int64)
+        return float(sample[i]), int(np.searchsorted(indptr, i, side="right") - 1)
 
     def stored_per_row(self, info: MatrixInfo) -> np.ndarray:
         """Stored entries of each row (int64): the row pointers' differences, or a scan of a dense matrix."""

@@ -30,7 +30,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
     group = parser.add_argument_group("common options")
     group.add_argument(
         "--input", nargs="+", metavar="H5AD",
-        help="the .h5ad shards: paths, or a quoted glob such as 'shards/*.h5ad' (required)",
+        help="the shards (.h5ad files or .zarr stores): paths, or a quoted glob such as 'shards/*.h5ad' (required)",
     )
     group.add_argument("--output", metavar="PATH", help="path of the step's main output file (required)")
     group.add_argument(
