@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from cellarium_steps.data.csc import csc_refused
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.sources import STREAMABLE_ENCODINGS, MatrixInfo, Store
 
@@ -40,8 +41,10 @@ def check_counts_option(counts: str) -> None:
         counts_location(counts)
 
 
-def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tuple[CountsLocation, MatrixInfo]:
-    """The matrix ``counts`` names in this file, checked to be one whose rows can be streamed.
+def resolve_counts(store: Store, counts: str, require_counts: bool = True,
+                   allow_csc: bool = False) -> tuple[CountsLocation, MatrixInfo]:
+    """The matrix ``counts`` names in this file, checked to be one whose rows can be streamed (or, with
+    ``allow_csc``, a CSC matrix, which only ``convert`` reads: see :mod:`~cellarium_steps.data.csc`).
 
     ``auto``: ``X`` when it holds integer counts, else ``raw/X`` when it does (logged), else an
     ``InputError`` saying what each candidate holds and which option to pass. Whether a float
@@ -55,7 +58,7 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
         info = store.matrix_info(location.matrix_key)
         if info is None:
             raise InputError(f"{path}: no matrix at {location.matrix_key!r} (--counts {counts}){_found(store)}")
-        info = _streamable(path, info, counts)
+        info = _streamable(path, info, counts, allow_csc)
         bad = store.first_non_integer_at(info) if require_counts else None
         if bad is not None:  # a normalized matrix shows in its first values: fail before any pass
             value, row = bad
@@ -69,16 +72,16 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
         raise InputError(f"{path}: no matrix at 'X'{_found(store)}")
     x_bad = store.first_non_integer(x_info)
     if x_bad is None:
-        return counts_location("X"), _streamable(path, x_info, "auto")
+        return counts_location("X"), _streamable(path, x_info, "auto", allow_csc)
     raw_info = store.matrix_info("raw/X")
     raw_bad = None if raw_info is None else store.first_non_integer(raw_info)
     if raw_info is not None and raw_bad is None:
         logger.info("%s: X holds non-integer values (e.g. %g); reading the integer counts in raw/X (--counts raw)",
                     path, x_bad)
-        return counts_location("raw"), _streamable(path, raw_info, "auto")
+        return counts_location("raw"), _streamable(path, raw_info, "auto", allow_csc)
     if not require_counts:
         logger.info("%s: X holds non-integer values (e.g. %g); read as they are (counts not required)", path, x_bad)
-        return counts_location("X"), _streamable(path, x_info, "auto")
+        return counts_location("X"), _streamable(path, x_info, "auto", allow_csc)
     x_bad, x_row = store.first_non_integer_at(x_info) or (x_bad, -1)  # the row only now: it reads X's indptr
     found = [f"X holds non-integer values (e.g. {x_bad:g}, cell row {x_row})"]
     found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {raw_bad:g})")
@@ -89,12 +92,11 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True) -> tu
     raise InputError(f"{path}: no integer counts found (--counts auto): {'; '.join(found)}: {hint}")
 
 
-def _streamable(path: str, info: MatrixInfo, counts: str) -> MatrixInfo:
+def _streamable(path: str, info: MatrixInfo, counts: str, allow_csc: bool = False) -> MatrixInfo:
+    if info.encoding == "csc_matrix" and allow_csc:
+        return info
     if info.encoding == "csc_matrix":
-        raise InputError(
-            f"{path}: {info.key} is stored as CSC (--counts {counts}); cells can only be streamed from CSR rows: "
-            "rewrite the file with `cellarium-steps convert`"
-        )
+        raise csc_refused(path, info.key, f" (--counts {counts})")
     if info.encoding not in STREAMABLE_ENCODINGS or info.n_rows < 0:
         raise InputError(f"{path}: {info.key} has unsupported encoding {info.encoding!r} (--counts {counts})")
     return info

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from cellarium_steps.data.covariates import categorical_codes
+from cellarium_steps.data.csc import CSCRows, csc_refused
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.shards import Shard, ShardCollection
 from cellarium_steps.data.sources import Store, encoding_type, is_group, read_array, read_range, read_runs
@@ -47,6 +48,8 @@ class ShardReader:
         # next epoch's reader so it does not survey the files again.
         self._layouts = {} if layouts is None else layouts
         self._categories: dict[tuple[str, str], np.ndarray] = {}
+        #: by shard path: the rows of a CSC matrix (see data/csc.py), which only ``convert`` prepares
+        self.csc_rows: dict[str, CSCRows] = {}
 
     def close(self) -> None:
         for store, _ in self._files.values():
@@ -89,7 +92,11 @@ class ShardReader:
         runs = row_runs(rows)
         # The file's genes: the collection's, or as many as the shard's column map has.
         n_cols = self.collection.n_vars if shard.column_map is None else len(shard.column_map)
-        if shard.x_encoding == "array":
+        if shard.x_encoding == "csc_matrix":
+            if shard.path not in self.csc_rows:
+                raise csc_refused(shard.path, key)
+            x = self.csc_rows[shard.path].rows(rows)
+        elif shard.x_encoding == "array":
             x_elem = store[key]
             dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_cols))
             x = sp.csr_matrix(dense)

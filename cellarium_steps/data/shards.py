@@ -166,6 +166,7 @@ def open_shards(
     categorical_covariate_keys: str | Sequence[str] | None = None,
     continuous_covariate_keys: str | Sequence[str] | None = None,
     covariate_categories: Mapping[str, Sequence[str]] | None = None,
+    allow_csc: bool = False,
 ) -> ShardCollection:
     """Read and cross-check every shard's metadata; raise :class:`InputError` on bad input.
 
@@ -189,6 +190,9 @@ def open_shards(
             key; see :mod:`~cellarium_steps.data.covariates`); ``covariate_categories`` fixes each
             one's categories (a trained model's), and a value outside them is an ``InputError``.
         continuous_covariate_keys: Numeric obs columns read as float64 covariates.
+        allow_csc: Accept counts stored as CSC (``Shard.x_encoding == "csc_matrix"``): only for a reader
+            given their rows by :class:`~cellarium_steps.data.csc.CSCRows` (``convert``); every other
+            step refuses them here, before any pass.
 
     Shards without cells (or without kept cells) are skipped with a warning.
     """
@@ -198,7 +202,7 @@ def open_shards(
                   parse_columns(continuous_covariate_keys, CONTINUOUS_OPTION))
     check_counts_option(counts)
     obs_columns = tuple(obs_columns)
-    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts, covariates)
+    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts, allow_csc, covariates)
                for path in paths]
     first = surveys[0]
     for survey in surveys[1:]:
@@ -242,12 +246,12 @@ def open_shards(
 
 
 def _survey(path: str, keys: tuple[str, ...], obs_columns: tuple[str, ...], counts: str, var_names: str,
-            obs_filter: str | None, require_counts: bool,
+            obs_filter: str | None, require_counts: bool, allow_csc: bool = False,
             covariates: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> _Survey:
     with Store(path) as store:
         if "obs" not in store or "var" not in store:
             raise InputError(f"{path}: not an AnnData file (no obs or var)")
-        location, info = resolve_counts(store, counts, require_counts)
+        location, info = resolve_counts(store, counts, require_counts, allow_csc)
         obs = store["obs"]
         index_key = obs.attrs.get("_index", "_index")
         if index_key in obs and int(obs[index_key].shape[0]) != info.n_rows:

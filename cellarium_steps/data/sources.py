@@ -28,6 +28,8 @@ STREAMABLE_ENCODINGS = ("csr_matrix", "array")
 SAMPLE_VALUES = 1 << 16
 # Rows per read when a dense matrix must be scanned (counting stored entries for ``n_genes``).
 _DENSE_SCAN_ROWS = 1024
+# Stored entries per read when a CSC matrix's row indices are counted (``n_genes``).
+_CSC_SCAN_ENTRIES = 1 << 24
 
 
 def is_zarr_path(path: str) -> bool:
@@ -210,10 +212,18 @@ class Store:
         return float(sample[i]), int(np.searchsorted(indptr, i, side="right") - 1)
 
     def stored_per_row(self, info: MatrixInfo) -> np.ndarray:
-        """Stored entries of each row (int64): the row pointers' differences, or a scan of a dense matrix."""
+        """Stored entries of each row (int64): the row pointers' differences, a count of a CSC matrix's
+        row indices, or a scan of a dense matrix."""
         elem = self.root[info.key]
         if info.encoding == "csr_matrix":
             return np.diff(np.asarray(elem["indptr"][...]).astype(np.int64))
+        if info.encoding == "csc_matrix":
+            indices = elem["indices"]
+            counts = np.zeros(info.n_rows, dtype=np.int64)
+            for start in range(0, int(indices.shape[0]), _CSC_SCAN_ENTRIES):
+                rows = np.asarray(indices[start : start + _CSC_SCAN_ENTRIES])
+                counts += np.bincount(rows, minlength=info.n_rows)[: info.n_rows]
+            return counts
         counts = np.empty(info.n_rows, dtype=np.int64)
         for start in range(0, info.n_rows, _DENSE_SCAN_ROWS):
             block = np.asarray(elem[start : start + _DENSE_SCAN_ROWS])

@@ -54,7 +54,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellarium_steps.atomic import atomic_path
+from cellarium_steps.atomic import atomic_path, remove_stale_temporaries
 from cellarium_steps.data.batches import BATCH_SEPARATOR
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.options import DataOptions
@@ -365,7 +365,7 @@ def export_cells(
 
     stack = contextlib.ExitStack()
     h5ad = ShardAnnDataWriter(anndata, collection.shards, schema, stack, run_metadata) if anndata else None
-    _remove_stale_temporaries([*([output] if output else []), *(h5ad.outputs if h5ad else [])])
+    remove_stale_temporaries([*([output] if output else []), *(h5ad.outputs if h5ad else [])])
     # Every output is written under a temporary name; the stack renames them all (the .h5ad files, then
     # the Parquet dataset) only when the pass has succeeded, and removes them otherwise.
     with stack:
@@ -479,33 +479,6 @@ def _write_by_batch(writer: PartitionedWriter, table: pa.Table, dataset: str, ba
     for code in np.unique(codes):
         rows = np.flatnonzero(codes == code)
         writer.write((dataset, None if code < 0 else str(uniques[code])), table.take(pa.array(rows)))
-
-
-def _remove_stale_temporaries(outputs: Sequence[str]) -> None:
-    """Temporary files and directories a killed export left beside ``outputs`` (atomic_path's naming)."""
-    by_parent: dict[str, set[str]] = {}
-    for output in outputs:
-        by_parent.setdefault(os.path.dirname(os.path.abspath(output)) or ".", set()).add(os.path.basename(output))
-    for parent, names in by_parent.items():
-        if not os.path.isdir(parent):
-            continue
-        for entry in os.listdir(parent):
-            name, sep, pid = entry.rpartition(".tmp-")
-            if sep and name.startswith(".") and name[1:] in names and pid.isdigit() and not _alive(int(pid)):
-                stale = os.path.join(parent, entry)
-                if os.path.isdir(stale):
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    os.remove(stale)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

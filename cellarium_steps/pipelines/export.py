@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.obs_columns import split_columns
 from cellarium_steps.data.options import DataOptions
 from cellarium_steps.outputs.cells import ExportSummary, export_cells, export_genes
 from cellarium_steps.outputs.layout import LayoutOptions
@@ -19,18 +20,6 @@ logger = logging.getLogger("cellarium_steps")
 def default_dataset_name(output: str) -> str:
     parent = os.path.basename(os.path.dirname(os.path.abspath(output)))
     return parent or "default"
-
-
-def split_columns(values: Sequence[str] | str | None) -> list[str]:
-    """``a,b c`` (commas or separate arguments, as --obs-columns and a YAML list give them) -> [a, b, c]."""
-    if values is None:
-        return []
-    items = [values] if isinstance(values, str) else values
-    columns = [c.strip() for item in items for c in str(item).split(",") if c.strip()]
-    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-    if duplicated:
-        raise InputError(f"--obs-columns: {duplicated} listed more than once")
-    return columns
 
 
 def export(

@@ -24,16 +24,33 @@ def user_shards():
     return paths
 
 
-def shard_inputs(wildcards=None):
+# With `convert: true` every step reads the shards rule convert_shards wrote, not the configured input.
+CONVERT = bool(config.get("convert"))
+CONVERTED_SHARDS = f"{RESULTS}/converted"
+
+
+def input_shards(wildcards=None):
+    """The configured input: the user's files, or the demo directory."""
     return user_shards() or [DEMO_SHARDS]
 
 
-def shard_args(wildcards, input):
-    """The --input arguments: the user's files, or the demo directory's shards."""
+def input_shard_args(wildcards, input):
+    """The --input arguments of the configured input: the user's files, or the demo directory's shards."""
     shards = user_shards()
     if shards:
         return " ".join(shlex.quote(p) for p in shards)
     return shlex.quote(f"{DEMO_SHARDS}/*.h5ad")
+
+
+def shard_inputs(wildcards=None):
+    """What the steps read: the converted shards (`convert: true`), else the configured input."""
+    return [CONVERTED_SHARDS] if CONVERT else input_shards()
+
+
+def shard_args(wildcards, input):
+    if CONVERT:
+        return shlex.quote(f"{CONVERTED_SHARDS}/shard_*.h5ad")
+    return input_shard_args(wildcards, input)
 
 
 def step_options(step, exclude=()):
@@ -110,3 +127,26 @@ def export_dataset():
         or os.path.basename(os.path.normpath(os.path.abspath(RESULTS)))
         or "default"
     )
+
+
+def convert_obs_columns():
+    """--obs-columns: none configured keeps every column all inputs have; a list keeps those and the columns
+    later rules read (cell_type_key; convert adds the --batch-key columns itself)."""
+    columns = list((config.get("convert_shards") or {}).get("obs_columns") or [])
+    if not columns:
+        return ""
+    key = config.get("cell_type_key")
+    columns += [key] if key and key not in columns else []
+    return "--obs-columns " + " ".join(shlex.quote(c) for c in columns)
+
+
+def convert_data_options():
+    """Which counts, genes and cells convert reads (global keys counts, var_names, gene_join, obs_filter,
+    where the config has them): the converted shards then hold integer counts in X, the chosen genes as
+    the var index and only the kept cells, so the later rules read them with the defaults.
+    """
+    options = []
+    for key in ("counts", "var_names", "gene_join", "obs_filter"):
+        if config.get(key) is not None:
+            options += [f"--{key.replace('_', '-')}", str(config[key])]
+    return " ".join(shlex.quote(o) for o in options)
