@@ -33,16 +33,23 @@ logger = logging.getLogger(__name__)
 BATCH_SEPARATOR = "|"
 
 
+def parse_columns(columns: str | Sequence[str] | None, option: str) -> tuple[str, ...]:
+    """``None`` -> (); ``"a,b"``, ``["a", "b"]`` or ``["a,b"]`` -> ("a", "b"); ``option`` names the
+    option in errors."""
+    if columns is None or columns == "":
+        return ()
+    items = [columns] if isinstance(columns, str) else [str(c) for c in columns]
+    keys = [k.strip() for item in items for k in item.split(",")]
+    if any(not k for k in keys):
+        raise InputError(f"{option}: empty column name in {columns!r}")
+    if len(set(keys)) != len(keys):
+        raise InputError(f"{option}: a column is named twice in {columns!r}")
+    return tuple(keys)
+
+
 def parse_batch_key(batch_key: str | Sequence[str] | None) -> tuple[str, ...]:
     """``None`` -> (); ``"a,b"`` or ``["a", "b"]`` -> ("a", "b")."""
-    if batch_key is None or batch_key == "":
-        return ()
-    keys = [k.strip() for k in batch_key.split(",")] if isinstance(batch_key, str) else [str(k) for k in batch_key]
-    if any(not k for k in keys):
-        raise InputError(f"--batch-key: empty column name in {batch_key!r}")
-    if len(set(keys)) != len(keys):
-        raise InputError(f"--batch-key: a column is named twice in {batch_key!r}")
-    return tuple(keys)
+    return parse_columns(batch_key, "--batch-key")
 
 
 @dataclass(frozen=True)
@@ -91,11 +98,13 @@ class BatchCoding:
         return np.where(missing_n, -2, index_n), missing_key
 
 
-def survey_batches(store: Store, keys: tuple[str, ...], kept_rows: np.ndarray | None) -> BatchCoding:
-    """A shard's batch columns: for one categorical column its categories only; otherwise every kept
-    row's values, to find the combinations the shard holds (a missing value is an ``InputError``)."""
+def survey_batches(store: Store, keys: tuple[str, ...], kept_rows: np.ndarray | None, *, used_only: bool = False,
+                   option: str = "--batch-key") -> BatchCoding:
+    """A shard's batch columns: for one categorical column its categories only (unless ``used_only``);
+    otherwise every kept row's values, to find the combinations the shard holds (a missing value is an
+    ``InputError`` naming ``option``)."""
     obs = store["obs"]
-    if len(keys) == 1 and encoding_type(obs[keys[0]]) == "categorical":
+    if len(keys) == 1 and not used_only and encoding_type(obs[keys[0]]) == "categorical":
         categories = read_array(obs[keys[0]]["categories"]).astype(str).astype(object)
         combo_c = np.arange(len(categories), dtype=np.int64)
         return BatchCoding(keys, (categories,), (True,), combo_c, categories)
@@ -108,7 +117,7 @@ def survey_batches(store: Store, keys: tuple[str, ...], kept_rows: np.ndarray | 
         if missing.any():
             row = int(np.flatnonzero(missing)[0])
             row = int(kept_rows[row]) if kept_rows is not None else row
-            raise InputError(f"{store.path}: obs[{key!r}] is missing for cell row {row} (--batch-key)")
+            raise InputError(f"{store.path}: obs[{key!r}] is missing for cell row {row} ({option})")
         if isinstance(column, pd.Categorical):
             values_k.append(np.asarray(column.categories).astype(str).astype(object))
             codes.append(np.asarray(column.codes, dtype=np.int64))
@@ -123,7 +132,7 @@ def survey_batches(store: Store, keys: tuple[str, ...], kept_rows: np.ndarray | 
         number += code * stride
         stride *= max(len(values), 1)
         if stride >= 2**62:
-            raise InputError(f"{store.path}: too many combinations of {', '.join(keys)} (--batch-key)")
+            raise InputError(f"{store.path}: too many combinations of {', '.join(keys)} ({option})")
     combo_c, first_c = np.unique(number, return_index=True)
     label_c = np.array(
         [BATCH_SEPARATOR.join(str(values_k[k][codes[k][i]]) for k in range(len(keys))) for i in first_c],

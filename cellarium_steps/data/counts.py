@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
+
 from cellarium_steps.data.csc import csc_refused
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.sources import STREAMABLE_ENCODINGS, MatrixInfo, Store
@@ -56,7 +58,14 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True,
         info = store.matrix_info(location.matrix_key)
         if info is None:
             raise InputError(f"{path}: no matrix at {location.matrix_key!r} (--counts {counts}){_found(store)}")
-        return location, _streamable(path, info, counts, allow_csc)
+        info = _streamable(path, info, counts, allow_csc)
+        bad = store.first_non_integer_at(info) if require_counts else None
+        if bad is not None:  # a normalized matrix shows in its first values: fail before any pass
+            value, row = bad
+            what = "non-integer values" if np.isfinite(value) else "NaN or infinite values"
+            raise InputError(f"{path}: {info.key} has {what} (e.g. {value:g}, cell row {row}; --counts {counts}): "
+                             "raw integer UMI counts are required, not normalized data")
+        return location, info
 
     x_info = store.matrix_info("X")
     if x_info is None:
@@ -73,7 +82,8 @@ def resolve_counts(store: Store, counts: str, require_counts: bool = True,
     if not require_counts:
         logger.info("%s: X holds non-integer values (e.g. %g); read as they are (counts not required)", path, x_bad)
         return counts_location("X"), _streamable(path, x_info, "auto", allow_csc)
-    found = [f"X holds non-integer values (e.g. {x_bad:g})"]
+    x_bad, x_row = store.first_non_integer_at(x_info) or (x_bad, -1)  # the row only now: it reads X's indptr
+    found = [f"X holds non-integer values (e.g. {x_bad:g}, cell row {x_row})"]
     found.append("no raw/X" if raw_info is None else f"raw/X holds non-integer values (e.g. {raw_bad:g})")
     layers = _integer_layers(store)
     hint = f"pass --counts {layers[0]}" if layers else "raw integer UMI counts are required"

@@ -60,6 +60,10 @@ class ShardedCellDataset(IterableDataset):
     per shard the batch's cells come from, in order of appearance; columns as ``var_names_g``) and
     ``shard_index_n`` (int64, each cell's row of ``gene_measured_sg``). Cell n measured gene g iff
     ``gene_measured_sg[shard_index_n[n], g]``. Statistics models take both as optional arguments.
+
+    A collection with covariates adds ``categorical_covariate_index_nd`` (int64, one column per
+    categorical covariate: the code of the cell's category) and ``continuous_covariates_nc``
+    (float64, one column per continuous covariate), scVI's names.
     """
 
     def __init__(
@@ -175,6 +179,10 @@ class ShardedCellDataset(IterableDataset):
             obs_names=reader.read_obs_names(shard, rows) if self.with_obs_names else None,
             batch_codes=reader.read_batch_index(shard, rows),
             columns={key: reader.read_obs_column(shard, key, rows) for key in self.collection.obs_columns},
+            categorical_nd=reader.read_categorical_covariates(shard, rows)
+            if self.collection.categorical_covariate_keys else None,
+            continuous_nc=reader.read_continuous_covariates(shard, rows)
+            if self.collection.continuous_covariate_keys else None,
         )
 
     def _output_map(self, shard: Shard) -> np.ndarray | None:
@@ -227,6 +235,10 @@ class ShardedCellDataset(IterableDataset):
             batch[f"{key}_n"] = np.concatenate([b.columns[key] for b in blocks])
         if self.collection.partial_genes:
             batch.update(self._measured(blocks))
+        if self.collection.categorical_covariate_keys:
+            batch["categorical_covariate_index_nd"] = torch.from_numpy(np.concatenate([b.categorical_nd for b in blocks]))
+        if self.collection.continuous_covariate_keys:
+            batch["continuous_covariates_nc"] = torch.from_numpy(np.concatenate([b.continuous_nc for b in blocks]))
         return batch
 
 
@@ -240,6 +252,8 @@ class _RowBlock:
     obs_names: np.ndarray | None
     batch_codes: np.ndarray
     columns: dict[str, np.ndarray]
+    categorical_nd: np.ndarray | None = None
+    continuous_nc: np.ndarray | None = None
 
     def select(self, index: np.ndarray) -> _RowBlock:
         return _RowBlock(
@@ -249,6 +263,8 @@ class _RowBlock:
             obs_names=None if self.obs_names is None else self.obs_names[index],
             batch_codes=self.batch_codes[index],
             columns={key: values[index] for key, values in self.columns.items()},
+            categorical_nd=None if self.categorical_nd is None else self.categorical_nd[index],
+            continuous_nc=None if self.continuous_nc is None else self.continuous_nc[index],
         )
 
 

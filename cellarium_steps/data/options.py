@@ -38,3 +38,22 @@ def recorded_source(collection: Any) -> dict[str, Any]:
     """What a trained model records of how its shards were read (``recipe["data"]["source"]``): the
     resolved counts matrix and gene names; prediction reads new cells the same way."""
     return {"counts": collection.counts, "var_names": collection.var_names}
+
+
+def recorded_covariates(collection: Any) -> dict[str, Any]:
+    """What a trained model records of its covariates (``recipe["data"]["covariates"]``): each categorical
+    covariate's categories in code order, and the continuous covariates' columns."""
+    return {
+        "categorical": {key: list(map(str, categories)) for key, categories in
+                        zip(collection.categorical_covariate_keys, collection.covariate_categories)},
+        "continuous": list(collection.continuous_covariate_keys),
+    }
+
+
+def covariate_options(recorded: dict[str, Any] | None) -> dict[str, Any]:
+    """``open_shards`` / ``ShardDataModule`` keyword arguments that read new cells' covariates as a model
+    recorded them: the same columns, and each categorical one coded with the model's categories."""
+    recorded = recorded or {}
+    categorical = dict(recorded.get("categorical") or {})
+    return {"categorical_covariate_keys": list(categorical), "covariate_categories": categorical,
+            "continuous_covariate_keys": list(recorded.get("continuous") or [])}

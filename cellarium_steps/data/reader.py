@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from cellarium_steps.data.covariates import categorical_codes
 from cellarium_steps.data.csc import CSCRows, csc_refused
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.shards import Shard, ShardCollection
@@ -166,6 +167,19 @@ class ShardReader:
         if cache_key not in self._categories:
             self._categories[cache_key] = read_array(elem["categories"]).astype(object)
         return self._categories[cache_key]
+
+    def read_categorical_covariates(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        """The rows' codes of the collection's categorical covariates, shape (rows, covariates), int64."""
+        obs, _, runs = self._obs_runs(shard, positions)
+        return categorical_codes(shard.covariate_codings, obs, runs, shard.path)
+
+    def read_continuous_covariates(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        """The rows' continuous covariates, shape (rows, covariates), float64 (checked when opened)."""
+        keys = self.collection.continuous_covariate_keys
+        values_nc = np.empty((len(positions), len(keys)), dtype=np.float64)
+        for c, key in enumerate(keys):
+            values_nc[:, c] = np.asarray(self.read_obs_column(shard, key, positions), dtype=np.float64)
+        return values_nc
 
     def read_batch_index(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
         """Collection batch codes for the rows (zeros when the collection has no batch key)."""

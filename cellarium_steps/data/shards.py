@@ -10,13 +10,14 @@ from __future__ import annotations
 import glob
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from cellarium_steps.data.batches import BatchCoding, assign_batches, parse_batch_key, survey_batches
+from cellarium_steps.data.batches import BatchCoding, assign_batches, parse_batch_key, parse_columns, survey_batches
 from cellarium_steps.data.counts import check_counts_option, resolve_counts
+from cellarium_steps.data.covariates import CATEGORICAL_OPTION, CONTINUOUS_OPTION, assign_covariates, survey_covariates
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.genes import align_genes, measured_genes, shard_gene_names
 from cellarium_steps.data.obs_filter import evaluate_filter
@@ -49,6 +50,8 @@ class Shard:
     kept_bits: np.ndarray | None = None
     #: the file's genes -> the collection's columns (-1: not taken); None: the same genes, in order
     column_map: np.ndarray | None = None
+    #: how this shard's categorical covariates map to the collection's codes, one per covariate
+    covariate_codings: tuple[BatchCoding, ...] = ()
 
     def kept_rows(self) -> np.ndarray:
         """The file's rows of the kept cells, sorted (position i is row ``kept_rows()[i]``)."""
@@ -76,6 +79,11 @@ class ShardCollection:
     obs_filter: str | None = None
     #: whether some shard lacks some gene (``gene_join="outer"``): batches then carry the measured mask
     partial_genes: bool = False
+    #: obs columns coded as categorical covariates, and each one's categories (code i is category i)
+    categorical_covariate_keys: tuple[str, ...] = ()
+    covariate_categories: tuple[np.ndarray, ...] = ()
+    #: numeric obs columns read as continuous covariates (float64)
+    continuous_covariate_keys: tuple[str, ...] = ()
 
     @property
     def n_obs(self) -> int:
@@ -137,6 +145,7 @@ class _Survey:
     genes: np.ndarray
     kept: np.ndarray | None
     batches: BatchCoding | None
+    covariates: tuple[BatchCoding, ...] = ()
 
     @property
     def n_obs(self) -> int:
@@ -154,6 +163,9 @@ def open_shards(
     gene_join: str = "same",
     obs_filter: str | None = None,
     require_counts: bool = True,
+    categorical_covariate_keys: str | Sequence[str] | None = None,
+    continuous_covariate_keys: str | Sequence[str] | None = None,
+    covariate_categories: Mapping[str, Sequence[str]] | None = None,
     allow_csc: bool = False,
 ) -> ShardCollection:
     """Read and cross-check every shard's metadata; raise :class:`InputError` on bad input.
@@ -174,6 +186,10 @@ def open_shards(
         obs_filter: A ``DataFrame.query`` expression over obs columns and ``n_genes``; only the
             cells it keeps are read (see :mod:`~cellarium_steps.data.obs_filter`).
         require_counts: Whether counts are needed; without, ``counts="auto"`` falls back to ``X``.
+        categorical_covariate_keys: Obs columns coded as categorical covariates (as a one-column batch
+            key; see :mod:`~cellarium_steps.data.covariates`); ``covariate_categories`` fixes each
+            one's categories (a trained model's), and a value outside them is an ``InputError``.
+        continuous_covariate_keys: Numeric obs columns read as float64 covariates.
         allow_csc: Accept counts stored as CSC (``Shard.x_encoding == "csc_matrix"``): only for a reader
             given their rows by :class:`~cellarium_steps.data.csc.CSCRows` (``convert``); every other
             step refuses them here, before any pass.
@@ -182,9 +198,11 @@ def open_shards(
     """
     paths = expand_inputs(inputs)
     keys = parse_batch_key(batch_key)
+    covariates = (parse_columns(categorical_covariate_keys, CATEGORICAL_OPTION),
+                  parse_columns(continuous_covariate_keys, CONTINUOUS_OPTION))
     check_counts_option(counts)
     obs_columns = tuple(obs_columns)
-    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts, allow_csc)
+    surveys = [_survey(path, keys, obs_columns, counts, var_names, obs_filter, require_counts, allow_csc, covariates)
                for path in paths]
     first = surveys[0]
     for survey in surveys[1:]:
@@ -197,35 +215,39 @@ def open_shards(
     if keys:  # every shard's categories count, an empty shard's too (as AnnData keeps them)
         categories, assigned = assign_batches(paths, [s.batches for s in surveys], keys, batch_categories)
         codings = list(assigned)
+    covariate_categories_k, covariate_codings = assign_covariates(
+        paths, [s.covariates for s in surveys], covariates[0], covariate_categories)
     with_cells = []
-    for survey, coding in zip(surveys, codings):
+    for survey, coding, covariate_coding in zip(surveys, codings, covariate_codings):
         if obs_filter is not None:
             logger.info("%s: obs_filter keeps %d of %d cells", survey.path, survey.n_obs, survey.n_rows)
         if survey.n_obs == 0:
             logger.warning("%s: no cells%s; skipped", survey.path, " kept" if survey.n_rows else "")
         else:
-            with_cells.append((survey, coding))
+            with_cells.append((survey, coding, covariate_coding))
     if not with_cells:
         if obs_filter is not None and any(s.n_rows for s in surveys):
             raise InputError(f"--obs-filter {obs_filter!r} keeps no cell of {len(surveys)} shard(s), e.g. {paths[0]}")
         raise InputError("--input: every shard is empty")
 
     # Genes are joined over the shards that have cells: a skipped shard measures nothing.
-    alignment = align_genes([s.path for s, _ in with_cells], [s.genes for s, _ in with_cells], gene_join)
+    alignment = align_genes([s.path for s, *_ in with_cells], [s.genes for s, *_ in with_cells], gene_join)
     shards = tuple(
         Shard(survey.path, survey.n_obs, survey.encoding, survey.is_integer, coding, survey.n_rows,
-              None if survey.n_obs == survey.n_rows else np.packbits(survey.kept), column_map)
-        for (survey, coding), column_map in zip(with_cells, alignment.column_maps)
+              None if survey.n_obs == survey.n_rows else np.packbits(survey.kept), column_map, covariate_coding)
+        for (survey, coding, covariate_coding), column_map in zip(with_cells, alignment.column_maps)
     )
     return ShardCollection(
         shards, alignment.var_names_g, ",".join(keys) if keys else None, categories, obs_columns, first.matrix_key,
         counts=first.choice, var_names=var_names, gene_join=gene_join, obs_filter=obs_filter,
-        partial_genes=alignment.partial,
+        partial_genes=alignment.partial, categorical_covariate_keys=covariates[0],
+        covariate_categories=covariate_categories_k, continuous_covariate_keys=covariates[1],
     )
 
 
 def _survey(path: str, keys: tuple[str, ...], obs_columns: tuple[str, ...], counts: str, var_names: str,
-            obs_filter: str | None, require_counts: bool, allow_csc: bool) -> _Survey:
+            obs_filter: str | None, require_counts: bool, allow_csc: bool = False,
+            covariates: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> _Survey:
     with Store(path) as store:
         if "obs" not in store or "var" not in store:
             raise InputError(f"{path}: not an AnnData file (no obs or var)")
@@ -242,5 +264,6 @@ def _survey(path: str, keys: tuple[str, ...], obs_columns: tuple[str, ...], coun
         kept = evaluate_filter(obs_filter, store, info) if obs_filter is not None else None
         kept_rows = None if kept is None else np.flatnonzero(kept)
         batches = survey_batches(store, keys, kept_rows) if keys else None
+        covariate_codings = survey_covariates(store, *covariates, kept_rows)
         return _Survey(path, info.n_rows, info.encoding, info.is_integer_dtype, location.choice, info.key,
-                       genes, kept, batches)
+                       genes, kept, batches, covariate_codings)

@@ -187,16 +187,29 @@ class Store:
         A bounded sample (the first chunks of the data), so that choosing the matrix costs no pass;
         the reader still checks every value it reads.
         """
+        found = self.first_non_integer_at(info)
+        return None if found is None else found[0]
+
+    def first_non_integer_at(self, info: MatrixInfo) -> tuple[float, int] | None:
+        """:meth:`first_non_integer` and the row that holds it (CSR rows; a CSC matrix's column)."""
         if info.is_integer_dtype:
             return None
         elem = self.root[info.key]
-        if info.encoding in ("csr_matrix", "csc_matrix"):
+        sparse = info.encoding in ("csr_matrix", "csc_matrix")
+        if sparse:
             sample = np.asarray(elem["data"][:SAMPLE_VALUES])
         else:
             sample = np.asarray(elem[: max(1, SAMPLE_VALUES // max(info.n_cols, 1))]).ravel()
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(sample) | (sample != np.round(sample))
-        return float(sample[np.argmax(bad)]) if bad.any() else None
+        if not bad.any():
+            return None
+        i = int(np.argmax(bad))
+        if not sparse:
+            return float(sample[i]), i // max(info.n_cols, 1)
+        # Only on bad input: the whole row pointer array, to name the row
+        indptr = np.asarray(elem["indptr"][...]).astype(np.int64)
+        return float(sample[i]), int(np.searchsorted(indptr, i, side="right") - 1)
 
     def stored_per_row(self, info: MatrixInfo) -> np.ndarray:
         """Stored entries of each row (int64): the row pointers' differences, a count of a CSC matrix's

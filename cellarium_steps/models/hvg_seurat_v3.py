@@ -323,6 +323,11 @@ class HVGSeuratV3(CellariumModel):
                 )
             unmeasured_bg = n_b1 - n_cells_bg
             n_b1 = n_cells_bg
+        # No cell of a batch measured the gene: no mean or variance there (NaN in OnePassMeanVarStd's
+        # table); zero sums, as the moments pass would have left them.
+        none_bg = (n_b1 == 0).expand(expected)
+        mean_bg = torch.where(none_bg, torch.zeros_like(mean_bg), mean_bg)
+        var_bg = torch.where(none_bg, torch.zeros_like(var_bg), var_bg)
         self.x_size_b.copy_(n_cells_b.to(device))
         self.x_unmeasured_size_bg.copy_(unmeasured_bg.to(device))
         var_ddof1_bg = torch.where(n_b1 > 1, var_bg * (n_b1 / (n_b1 - 1).clamp(min=1)), torch.zeros_like(var_bg))

@@ -38,8 +38,8 @@ class OnePassMeanVarStd(CellariumModel):
         var_names_g: The variable names schema for the input data validation.
         algorithm: ``"naive"`` (default) or ``"shifted_data"`` (numerically stable).
         n_batch: Number of batches. Use 1 to reproduce ``batch_key=None`` behaviour.
-        output_path: Where to save a summary CSV (gene, mean, var, std) at the end of
-            training; None writes nothing.
+        output_path: Where to save a summary CSV (gene, mean, var, std, and n_cells: the cells that
+            measured the gene) at the end of training; None writes nothing.
     """
 
     def __init__(
@@ -226,6 +226,7 @@ class OnePassMeanVarStd(CellariumModel):
                 "mean": self.mean_g.cpu().numpy(),
                 "var": self.var_g.cpu().numpy(),
                 "std": self.std_g.cpu().numpy(),
+                "n_cells": self.n_cells_g.cpu().numpy().astype(np.int64),
             }
         )
 

@@ -307,7 +307,8 @@ class TDigest(CellariumModel):
         return value_kg
 
     def summary_df(self) -> pd.DataFrame:
-        """One row per gene: number of non-zero values, their median and quartiles."""
+        """One row per gene: number of non-zero values, their median and quartiles, and the cells that
+        measured the gene (``n_cells``: every cell, unless shards measured different genes)."""
         return pd.DataFrame(
             {
                 "gene": self.var_names_g,
@@ -315,6 +316,7 @@ class TDigest(CellariumModel):
                 "median": self.median_g.cpu().numpy(),
                 "q25": self.quantile_g(0.25).cpu().numpy(),
                 "q75": self.quantile_g(0.75).cpu().numpy(),
+                "n_cells": self.n_cells_g.cpu().numpy().astype(np.int64),
             }
         )
 

@@ -8,7 +8,8 @@ DEMO_SHARDS = f"{RESULTS}/demo_shards"
 
 
 def user_shards():
-    """The configured shards, globs expanded; empty when the demo data is used."""
+    """The configured shards (.h5ad files or .zarr store directories), globs expanded; empty when the
+    demo data is used."""
     patterns = config.get("input")
     if not patterns:
         return []
@@ -18,6 +19,7 @@ def user_shards():
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
             raise WorkflowError(f"config input: no file matches {pattern!r}")
+        # .zarr stores are directories: a glob lists them as it lists files
         paths += matches
     return paths
 
@@ -61,7 +63,7 @@ def step_options(step, exclude=()):
         if isinstance(value, bool):
             options += [flag] if value else []
         elif isinstance(value, list):
-            options += [flag, *map(str, value)]
+            options += [flag, *map(str, value)] if value else []
         else:
             options += [flag, str(value)]
     return " ".join(shlex.quote(o) for o in options)
@@ -76,12 +78,36 @@ def common_options():
         "--devices",
         str(config["devices"]),
     ]
-    return " ".join(shlex.quote(o) for o in options)
+    return " ".join(shlex.quote(o) for o in options + data_options())
 
 
-def batch_key_option():
-    key = config.get("batch_key")
+# How every step that reads the shards reads them (null: the step's default).
+DATA_KEYS = ("counts", "var_names", "gene_join", "obs_filter")
+
+
+def data_options():
+    """--counts, --var-names, --gene-join, --obs-filter from the config's global keys, where set."""
+    options = []
+    for key in DATA_KEYS:
+        if config.get(key) is not None:
+            options += [f"--{key.replace('_', '-')}", str(config[key])]
+    return options
+
+
+def batch_columns(step=None):
+    """The batch key as 'a,b' (a string or a list in the config): the step's own, else the global one."""
+    key = (config.get(step) or {}).get("batch_key") if step else None
+    key = key if key is not None else config.get("batch_key")
+    return ",".join(key) if isinstance(key, list) else key
+
+
+def batch_key_option(step=None):
+    key = batch_columns(step)
     return f"--batch-key {shlex.quote(key)}" if key else ""
+
+
+# hvg reuses mean-var's per-batch table when both group the cells alike; else it makes its own 2 passes.
+HVG_USES_MEAN_VAR = batch_columns("hvg") == batch_columns()
 
 
 # SOCAM (train_socam, predict_socam) runs when the shards have cell type labels.
