@@ -82,6 +82,7 @@ def build_trainer(
     *,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     max_epochs: int = 1,
     trainable: bool = False,
     callbacks: Sequence[pl.Callback] = (),
@@ -89,11 +90,13 @@ def build_trainer(
     progress_every_s: float = 30.0,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one device."""
+    """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one process: ``devices`` on
+    each of ``num_nodes`` machines (there a launcher such as ``srun`` starts every process; Lightning
+    reads the ranks from its environment)."""
     accelerator = resolve_accelerator(accelerator)
     n_devices = device_count(devices, accelerator)
     strategy: Any = "auto"
-    if n_devices > 1:
+    if n_devices * num_nodes > 1:
         backend = "nccl" if accelerator in ("gpu", "cuda") else "gloo"
         strategy = (
             DDPStrategy(process_group_backend=backend, broadcast_buffers=False)
@@ -107,6 +110,7 @@ def build_trainer(
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         max_epochs=max_epochs,
         callbacks=[*callbacks, ProgressLog(progress_every_s)],
