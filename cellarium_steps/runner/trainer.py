@@ -54,6 +54,11 @@ class ProgressLog(pl.Callback):
     def __init__(self, every_s: float = 30.0):
         self.every_s = every_s
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # every rank says where it runs: a launch that lost ranks shows in the log
+            logger.info("%s: DDP rank %d of %d (node %d, local rank %d)", getattr(stage, "value", stage),
+                        trainer.global_rank, trainer.world_size, trainer.node_rank, trainer.local_rank)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last = time.monotonic()
         self._cells = 0

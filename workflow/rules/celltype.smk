@@ -22,16 +22,16 @@ rule train_socam:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
         cell_type_key=cell_type_key_option(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         features=SOCAM_FEATURE_INPUTS[SOCAM_FEATURES][0],
         options=step_options("train_socam", exclude=("features",)),
     shell:
-        "cellarium-steps train-socam --input {params.shards} {params.cell_type_key} {params.features} {input.features}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-socam --input {input.shards:q} {params.cell_type_key} {params.features} {input.features}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 rule predict_socam:
@@ -47,10 +47,10 @@ rule predict_socam:
     threads: 2
     resources:
         mem_mb=3000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
-        " --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {input.shards:q}"
+        " --output {output.cells} {params.run} > {log} 2>&1"

@@ -12,13 +12,12 @@ rule hvg:
     resources:
         mem_mb=2000,
     params:
-        shards=shard_args,
         batch_key=batch_key_option(),
-        common=common_options(),
+        run=run_options(),
         options=step_options("hvg"),
     shell:
-        "cellarium-steps hvg --input {params.shards} {params.batch_key} --mean-var {input.mean_var}"
-        " --output {output.csv} {params.common} {params.options} > {log} 2>&1"
+        "cellarium-steps hvg --input {input.shards:q} {params.batch_key} --mean-var {input.mean_var}"
+        " --output {output.csv} {params.run} {params.options} > {log} 2>&1"
 
 
 rule pca:
@@ -38,9 +37,8 @@ rule pca:
     resources:
         mem_mb=3000,
     params:
-        shards=shard_args,
-        common=common_options(),
+        run=run_options(),
         options=step_options("pca"),
     shell:
-        "cellarium-steps pca --input {params.shards} --genes {input.genes} --output {output.components}"
-        " --embeddings {output.cells} {params.common} {params.options} > {log} 2>&1"
+        "cellarium-steps pca --input {input.shards:q} --genes {input.genes} --output {output.components}"
+        " --embeddings {output.cells} {params.run} {params.options} > {log} 2>&1"

@@ -19,11 +19,10 @@ rule export:
     resources:
         mem_mb=3000,
     params:
-        shards=shard_args,
         batch_key=batch_key_option(),
         dataset=lambda wildcards: export_dataset(),
         options=step_options("export", exclude=("dataset",)),
     shell:
-        "cellarium-steps export --input {params.shards} {params.batch_key} --cells {input.pca} {input.scvi}"
+        "cellarium-steps export --input {input.shards:q} {params.batch_key} --cells {input.pca} {input.scvi}"
         " {input.socam} --dataset {params.dataset:q} --mean-var {input.mean_var} --hvg {input.hvg}"
         " --genes-output {output.genes} --output {output.cells} {params.options} > {log} 2>&1"

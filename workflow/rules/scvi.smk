@@ -12,15 +12,15 @@ rule train_scvi:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
         batch_key=batch_key_option(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_scvi"),
     shell:
-        "cellarium-steps train-scvi --input {params.shards} {params.batch_key} --genes {input.genes}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-scvi --input {input.shards:q} {params.batch_key} --genes {input.genes}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 rule predict_scvi:
@@ -36,10 +36,10 @@ rule predict_scvi:
     threads: 2
     resources:
         mem_mb=3000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
-        " --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {input.shards:q}"
+        " --output {output.cells} {params.run} > {log} 2>&1"

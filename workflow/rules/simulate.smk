@@ -1,6 +1,6 @@
 rule simulate:
     output:
-        directory(DEMO_SHARDS),
+        demo_shards(),
     log:
         f"{RESULTS}/logs/simulate.log",
     benchmark:
@@ -12,4 +12,4 @@ rule simulate:
         seed=config["seed"],
         options=step_options("simulate"),
     shell:
-        "cellarium-steps simulate --output {output} --seed {params.seed} {params.options} > {log} 2>&1"
+        "cellarium-steps simulate --output $(dirname {output[0]:q}) --seed {params.seed} {params.options} > {log} 2>&1"

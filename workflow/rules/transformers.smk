@@ -14,14 +14,14 @@ rule train_geneformer:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_geneformer"),
     shell:
-        "cellarium-steps train-geneformer --input {params.shards} --tdigest {input.tdigest}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-geneformer --input {input.shards:q} --tdigest {input.tdigest}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 # CellariumGPT: a transformer that predicts the hidden counts of a cell's query genes from a prompt
@@ -39,11 +39,11 @@ rule train_gpt:
     threads: 2
     resources:
         mem_mb=4000,
-        gpu=1,
+        **gpu_resources(),
     params:
-        shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_gpt"),
     shell:
-        "cellarium-steps train-gpt --input {params.shards} --genes {input.genes}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-gpt --input {input.shards:q} --genes {input.genes}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
