@@ -114,7 +114,8 @@ def test_s3_round_trip_reads_shards_from_and_writes_results_to_a_bucket(
     assert remote.num_rows == SIMULATE["n_cells"] and len(set(remote["cell_id"].to_pylist())) == SIMULATE["n_cells"]
     assert remote.schema.names == local_export.schema.names
     assert remote.equals(local_export), "the export from the bucket differs from the local run's"
-    # nothing of the run is left on local disk but the staging area (whose copies were removed after upload)
+    # every table went to the bucket: none is left behind in the local staging area
+    assert "results/hvg/hvg.parquet" in keys and "results/statistics/mean_var.parquet" in keys
     assert not (REPO / "results" / "export").exists() and not list(staged.rglob("*.parquet"))
     print(f"S3 round trip: {elapsed:.0f} s")
 
@@ -135,14 +136,14 @@ def slurm(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_slurm_profile_runs_the_workflow_with_ddp_and_resumes_a_cancelled_training_job(
-    slurm: SlurmCluster, local_export: pa.Table, tmp_path: Path
+    slurm: SlurmCluster, shards: Path, local_export: pa.Table, tmp_path: Path
 ) -> None:
     results = tmp_path / "results"
     config = tmp_path / "config.yaml"
     # devices=2: each training and prediction job is one Lightning DDP run over 2 srun tasks. Enough
     # epochs that train_scvi is still running when its first epoch checkpoint appears.
     config.write_text(yaml.safe_dump({
-        **SMALL, "results": str(results), "accelerator": "auto", "devices": 2,
+        **SMALL, "input": f"{shards}/*.h5ad", "results": str(results), "accelerator": "auto", "devices": 2,
         "cell_type_key": "cell_type_ontology_term_id",
         "train_scvi": {**SMALL["train_scvi"], "max_epochs": 40},
     }))

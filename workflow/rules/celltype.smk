@@ -3,7 +3,7 @@
 SOCAM_FEATURES = (config.get("train_socam") or {}).get("features", "genes")
 SOCAM_FEATURE_INPUTS = {
     "genes": ("--genes", rules.hvg.output.csv),
-    "pca": ("--pca", rules.pca.output.components),
+    "pca": ("--pca", rules.pca.output.model),
     "scvi": ("--scvi", rules.train_scvi.output.checkpoint),
 }
 
@@ -21,8 +21,8 @@ rule train_socam:
         f"{RESULTS}/benchmarks/train_socam.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
         **gpu_resources(),
+        mem_mb=4000,
     params:
         cell_type_key=cell_type_key_option(),
         run=run_options(ddp=True),
@@ -46,8 +46,8 @@ rule predict_socam:
         f"{RESULTS}/benchmarks/predict_socam.tsv"
     threads: 2
     resources:
-        mem_mb=3000,
         **gpu_resources(),
+        mem_mb=3000,
     params:
         run=run_options(ddp=True),
         launch=launch,

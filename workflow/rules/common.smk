@@ -34,7 +34,8 @@ def user_shards():
 
 def storage_glob(pattern):
     """A glob over a Snakemake storage provider: the `s3://...` (or other provider's) URL, or a path under
-    the default storage prefix (`--default-storage-prefix`), which is then returned as a path again."""
+    the default storage prefix (`--default-storage-prefix`), which is then returned as a path again.
+    """
     prefix = ""
     query = pattern
     if "://" not in pattern:
@@ -45,7 +46,10 @@ def storage_glob(pattern):
     if hasattr(listed, "s3bucket"):
         # snakemake-storage-plugin-s3 0.3.6's list_candidate_matches() compares the bucket name with the
         # whole s3:// URL and always fails; list the bucket under the constant prefix instead.
-        keys = (o.key for o in listed.s3bucket().objects.filter(Prefix=listed.key.rstrip(".")))
+        keys = (
+            o.key
+            for o in listed.s3bucket().objects.filter(Prefix=listed.key.rstrip("."))
+        )
         urls = [f"s3://{listed.bucket}/{key}" for key in keys]
     else:
         urls = list(listed.list_candidate_matches())
@@ -98,7 +102,9 @@ NUM_NODES = config.get("num_nodes", 1)
 
 
 # In a container there is no srun: Lightning starts a one-machine run's processes itself.
-CONTAINERS = DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
+CONTAINERS = (
+    DeploymentMethod.APPTAINER in workflow.deployment_settings.deployment_method
+)
 if CONTAINERS and NUM_NODES > 1:
     raise WorkflowError(
         "num_nodes > 1 needs srun to start the processes on every machine, which the container has not: "
@@ -134,20 +140,30 @@ def job_gpus(resources):
         return int(gres.group(1) or 1)
     gpu = resources.get("nvidia_gpu")
     if gpu:
-        return int(gpu) if str(gpu).isdigit() else 1  # a type name is one GPU of that type
+        return (
+            int(gpu) if str(gpu).isdigit() else 1
+        )  # a type name is one GPU of that type
     return 0
 
 
 def run_options(ddp=False):
     """The step's --accelerator, --devices, --num-nodes and --seed, from the resources the job was given:
     a job with a GPU uses it (config `accelerator`: gpu or auto), any other runs on the CPU. `ddp`: a
-    rule of gpu_resources(), with `devices` processes on each of `num_nodes` machines."""
+    rule of gpu_resources(), with `devices` processes on each of `num_nodes` machines.
+    """
 
     def options(wildcards, resources):
         gpus = job_gpus(resources)
         accelerator = config["accelerator"] if gpus else "cpu"
         devices, nodes = (DEVICES, NUM_NODES) if ddp else (max(gpus, 1), 1)
-        flags = ["--seed", config["seed"], "--accelerator", accelerator, "--devices", devices]
+        flags = [
+            "--seed",
+            config["seed"],
+            "--accelerator",
+            accelerator,
+            "--devices",
+            devices,
+        ]
         flags += ["--num-nodes", nodes] if nodes > 1 else []
         return " ".join(shlex.quote(str(f)) for f in flags)
 
@@ -160,9 +176,7 @@ def launch(wildcards, threads, resources):
     one process, nothing: Lightning starts the processes of a one-machine run itself."""
     if not resources.get("mpi") or CONTAINERS:
         return ""
-    srun = (
-        f"srun --nodes={NUM_NODES} --ntasks-per-node={DEVICES} --cpus-per-task={threads} --kill-on-bad-exit=1"
-    )
+    srun = f"srun --nodes={NUM_NODES} --ntasks-per-node={DEVICES} --cpus-per-task={threads} --kill-on-bad-exit=1"
     return "${SLURM_JOB_ID:+" + srun + "}"
 
 

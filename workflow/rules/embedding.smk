@@ -2,8 +2,11 @@ rule hvg:
     input:
         shards=shard_inputs,
         mean_var=rules.mean_var.output.csv,
+        # read beside the CSV: an input too, so that a storage plugin stages it
+        mean_var_batches=rules.mean_var.output.parquet,
     output:
         csv=f"{RESULTS}/hvg/hvg.csv",
+        parquet=f"{RESULTS}/hvg/hvg.parquet",
     log:
         f"{RESULTS}/logs/hvg.log",
     benchmark:

@@ -11,8 +11,8 @@ rule train_scvi:
         f"{RESULTS}/benchmarks/train_scvi.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
         **gpu_resources(),
+        mem_mb=4000,
     params:
         batch_key=batch_key_option(),
         run=run_options(ddp=True),
@@ -35,8 +35,8 @@ rule predict_scvi:
         f"{RESULTS}/benchmarks/predict_scvi.tsv"
     threads: 2
     resources:
-        mem_mb=3000,
         **gpu_resources(),
+        mem_mb=3000,
     params:
         run=run_options(ddp=True),
         launch=launch,

@@ -13,8 +13,8 @@ rule train_geneformer:
         f"{RESULTS}/benchmarks/train_geneformer.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
         **gpu_resources(),
+        mem_mb=4000,
     params:
         run=run_options(ddp=True),
         launch=launch,
@@ -38,8 +38,8 @@ rule train_gpt:
         f"{RESULTS}/benchmarks/train_gpt.tsv"
     threads: 2
     resources:
-        mem_mb=4000,
         **gpu_resources(),
+        mem_mb=4000,
     params:
         run=run_options(ddp=True),
         launch=launch,
