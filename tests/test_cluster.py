@@ -145,7 +145,7 @@ def test_slurm_profile_runs_the_workflow_with_ddp_and_resumes_a_cancelled_traini
     config.write_text(yaml.safe_dump({
         **SMALL, "input": f"{shards}/*.h5ad", "results": str(results), "accelerator": "auto", "devices": 2,
         "cell_type_key": "cell_type_ontology_term_id",
-        "train_scvi": {**SMALL["train_scvi"], "max_epochs": 40},
+        "train_scvi": {**SMALL["train_scvi"], "max_epochs": 12},
     }))
     # No slurmdbd on this cluster: squeue answers the status queries (see workflow/profiles/README.md).
     # The srun tasks of a job meet at MASTER_ADDR; on a one-node cluster that is this machine.

@@ -1,5 +1,6 @@
 # Config helpers and input functions: no science here, only wiring.
 import fnmatch
+import functools
 import glob
 import os
 import re
@@ -11,6 +12,7 @@ RESULTS = config["results"]
 DEMO_SHARDS = f"{RESULTS}/demo_shards"
 
 
+@functools.cache  # every rule asks; a bucket is listed once
 def user_shards():
     """The configured shards, globs expanded (in the object store when the path is one); empty when the
     demo data is used."""
