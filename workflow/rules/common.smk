@@ -3,6 +3,7 @@ import fnmatch
 import functools
 import glob
 import os
+import posixpath
 import re
 import shlex
 
@@ -41,8 +42,8 @@ def storage_glob(pattern):
     prefix = ""
     query = pattern
     if "://" not in pattern:
-        prefix = workflow.storage_settings.default_storage_prefix.rstrip("/") + "/"
-        query = prefix + pattern
+        prefix = posixpath.join(workflow.storage_settings.default_storage_prefix, "")
+        query = posixpath.join(prefix, pattern)
     constant = re.split(r"[*?\[]", query, maxsplit=1)[0]
     listed = storage(constant).flags["storage_object"]
     if hasattr(listed, "s3bucket"):
@@ -179,7 +180,7 @@ def launch(wildcards, threads, resources):
     if not resources.get("mpi") or CONTAINERS:
         return ""
     srun = f"srun --nodes={NUM_NODES} --ntasks-per-node={DEVICES} --cpus-per-task={threads} --kill-on-bad-exit=1"
-    return "${SLURM_JOB_ID:+" + srun + "}"
+    return f"${{SLURM_JOB_ID:+{srun}}}"
 
 
 def batch_key_option():
