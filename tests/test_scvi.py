@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 from cellarium_steps.data.dataset import collate_identity
 from cellarium_steps.data.simulate import simulate_shards
 from cellarium_steps.models import SingleCellVariationalInference
-from cellarium_steps.models.scvi import (
+from cellarium_steps.models._latent_metrics import (
     Reservoir,
     fit_logistic_regression,
     ontology_spearman,
-    scvi_tools_default_architecture,
     spearman_correlation,
 )
+from cellarium_steps.models.scvi import scvi_tools_default_architecture
 from cellarium_steps.runner import CellariumModule, build_trainer
 from cellarium_steps.steps.cli import main as cli_main
 

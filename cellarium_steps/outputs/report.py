@@ -13,6 +13,8 @@ import pandas as pd
 
 from cellarium_steps.atomic import atomic_path, write_json_atomically
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.models._reservoir import ReservoirSampler
+from cellarium_steps.outputs.layout import PCALayout, vector_matrix
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -129,40 +131,34 @@ def plot_losses(path: str, out: str) -> None:
 
 
 class CellSample:
-    """A uniform reservoir sample of cells (Algorithm R in blocks), and exact cell-type counts per batch."""
+    """A uniform reservoir sample of cells (:class:`ReservoirSampler`), and exact cell-type counts per batch."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
-        self.rng = np.random.default_rng(seed)
-        self.seen = 0
+        self.sampler = ReservoirSampler(size, seed)
         self.latent: np.ndarray | None = None
         self.batch = np.empty(0, dtype=object)
         self.cell_type = np.empty(0, dtype=object)
         self.counts: Counter[tuple[str, str]] = Counter()
 
+    @property
+    def seen(self) -> int:
+        return self.sampler.seen
+
     def add(self, latent: np.ndarray, batch: np.ndarray, cell_type: np.ndarray) -> None:
-        n = len(batch)
         self.counts.update(zip(batch.tolist(), cell_type.tolist()))
         if self.latent is None:
             self.latent = np.empty((0, latent.shape[1]), dtype=np.float32)
-        # Fill the reservoir first, then cell i (0-based over the stream) replaces a random slot with
-        # probability size / (i + 1).
-        fill = max(0, min(self.size - len(self.batch), n))
-        if fill:
-            self.latent = np.concatenate([self.latent, latent[:fill]])
-            self.batch = np.concatenate([self.batch, batch[:fill]])
-            self.cell_type = np.concatenate([self.cell_type, cell_type[:fill]])
-        rest = np.arange(fill, n)
-        if rest.size:
-            index = self.seen + rest
-            slots = (self.rng.random(rest.size) * (index + 1)).astype(np.int64)
-            take = slots < self.size
-            # Later cells overwrite earlier ones in the same slot, as the sequential algorithm would.
-            for i, slot in zip(rest[take], slots[take]):
-                self.latent[slot] = latent[i]
-                self.batch[slot] = batch[i]
-                self.cell_type[slot] = cell_type[i]
-        self.seen += n
+        rows, slots = self.sampler.offer(len(batch))
+        # Slots past the sample's end come in slot order: those rows are appended, the others overwrite.
+        new = slots >= len(self.batch)
+        stored = []
+        for sample, arriving in ((self.latent, latent), (self.batch, batch), (self.cell_type, cell_type)):
+            if new.any():
+                sample = np.concatenate([sample, arriving[rows[new]]])
+            sample[slots[~new]] = arriving[rows[~new]]
+            stored.append(sample)
+        self.latent, self.batch, self.cell_type = stored
 
 
 def _cell_type_column(names: list[str]) -> str | None:
@@ -189,9 +185,7 @@ def sample_cells(path: str, latent_column: str, size: int, seed: int) -> tuple[C
     for batch in dataset.to_batches(columns=columns, batch_size=65_536):
         if batch.num_rows == 0:
             continue
-        vectors = batch.column(latent_column)
-        width = vectors.type.list_size
-        latent = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        latent = vector_matrix(batch.column(latent_column))
         batches = np.asarray(batch.column("batch").fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
         types = (np.asarray(batch.column(type_column).fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
                  if type_column else np.full(batch.num_rows, "(not predicted)", dtype=object))
@@ -209,12 +203,7 @@ def layout_2d(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, t
             raise InputError("--layout umap needs umap-learn (pip install umap-learn), or use --layout pca") from None
         xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(latent)
         return np.asarray(xy), ("UMAP 1", "UMAP 2")
-    centred = latent.astype(np.float64) - latent.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    if xy.shape[1] < 2:
-        xy = np.column_stack([xy, np.zeros(len(xy))])
-    return xy, ("latent PC 1", "latent PC 2")
+    return PCALayout(latent).transform(latent), ("latent PC 1", "latent PC 2")
 
 
 def _ordered_categories(values: np.ndarray, limit: int = MAX_LEGEND) -> list[str]:

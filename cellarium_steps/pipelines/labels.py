@@ -24,6 +24,7 @@ from cellarium_steps.atomic import write_csv_atomically, write_json_atomically
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.errors import ConfigError, InputError
 from cellarium_steps.data.labels import LabelSummary, require_labels, scan_labels
+from cellarium_steps.data.options import DataOptions, recorded_source
 from cellarium_steps.models.logistic_regression import LogisticRegression
 from cellarium_steps.models.socam import SOCAM
 from cellarium_steps.ontology import descendant_tensor, is_unlabelled, ontology_version, term_labels
@@ -79,6 +80,7 @@ class LabelTrainingOptions:
     accelerator: str = "auto"
     num_nodes: int = 1
     seed: int = 0
+    data_options: DataOptions = field(default_factory=DataOptions)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -123,12 +125,15 @@ class LabelTraining:
             "class_labels": term_labels(summary.labels), "label_counts": summary.counts,
             "n_labelled": summary.n_labelled, "ontology": ontology_version(),
             "target_count": float(self.options.target_count), "prediction": prediction,
+            "source": recorded_source(self.datamodule.collection),
         }
         collection = self.datamodule.collection
         if self.features is not None and self.features.batch_categories is not None and collection.batch_key:
             data["batch_key"] = collection.batch_key
             data["batch_categories"] = [str(c) for c in collection.batch_categories]
         provenance = json.loads(json.dumps(self.options.provenance, default=str))
+        if "config" in provenance:  # the epochs the run used, also when worked out from the cell count
+            provenance["config"]["max_epochs"] = self.max_epochs
         return {"model": model_spec, "transforms": self.transform_specs(), "data": data, "provenance": provenance}
 
 
@@ -141,6 +146,7 @@ def prepare_label_training(options: LabelTrainingOptions) -> LabelTraining:
         options.inputs, batch_size=options.batch_size, batch_key=batch_key, obs_columns=[options.cell_type_key],
         num_workers=options.num_workers, shuffle=True, seed=options.seed,
         batch_categories=features.batch_categories if features is not None and batch_key else None,
+        **options.data_options.open_kwargs(),
     )
     collection = datamodule.collection
     if features is not None:

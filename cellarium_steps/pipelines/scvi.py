@@ -17,6 +17,7 @@ from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.errors import ConfigError
 from cellarium_steps.data.labels import require_labels, scan_labels
+from cellarium_steps.data.options import DataOptions, recorded_covariates, recorded_source
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
 from cellarium_steps.outputs.genes import selected_genes
@@ -42,13 +43,20 @@ def default_kl_warmup_steps(max_epochs: int, steps_per_epoch: int) -> int:
 
 
 def scvi_model_spec(var_names_g: Sequence[str], *, n_batch: int, n_latent: int, n_hidden: int, n_layers: int,
-                    kl_warmup_steps: int) -> dict[str, Any]:
-    """scvi-tools' default scVI (gene_likelihood="nb", dispersion="gene"), KL warm-up by steps."""
+                    kl_warmup_steps: int, n_cats_per_cov: Sequence[int] = (),
+                    n_continuous_cov: int = 0) -> dict[str, Any]:
+    """scvi-tools' default scVI (gene_likelihood="nb", dispersion="gene"), KL warm-up by steps; covariates
+    (each category count, the continuous ones' number) only when there are any."""
     encoder, decoder = scvi_tools_default_architecture(n_hidden, n_layers)
+    covariates: dict[str, Any] = {}
+    if n_cats_per_cov:
+        covariates["n_cats_per_cov"] = list(n_cats_per_cov)
+    if n_continuous_cov:
+        covariates["n_continuous_cov"] = n_continuous_cov
     return spec(
         SingleCellVariationalInference, var_names_g=var_names_g, encoder=encoder, decoder=decoder,
         n_batch=n_batch, n_latent=n_latent, gene_likelihood="nb", dispersion="gene",
-        kl_warmup_epochs=None, kl_warmup_steps=kl_warmup_steps,
+        kl_warmup_epochs=None, kl_warmup_steps=kl_warmup_steps, **covariates,
     )
 
 
@@ -106,7 +114,7 @@ def select_cells(batch: dict[str, Any], keep_n: np.ndarray) -> dict[str, Any]:
         x_ng = x_ng[index_n]
     out = {**batch, "x_ng": x_ng}
     for key, value in batch.items():
-        if key.endswith("_n"):
+        if key != "x_ng" and key.rpartition("_")[2].startswith("n"):  # a per-cell key: _n, _nd, _nc
             out[key] = value[index_n.to(value.device)] if isinstance(value, torch.Tensor) else value[index_n.cpu().numpy()]
     return out
 
@@ -174,6 +182,8 @@ def train_scvi(
     output: str,
     genes: str | None = None,
     batch_key: str | None = None,
+    categorical_covariate_keys: str | Sequence[str] | None = None,
+    continuous_covariate_keys: str | Sequence[str] | None = None,
     max_epochs: int = 20,
     n_latent: int = 10,
     n_hidden: int = 128,
@@ -189,6 +199,7 @@ def train_scvi(
     accelerator: str = "auto",
     num_nodes: int = 1,
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """Train scVI (resuming from ``<output>.d/last.ckpt`` if an interrupted run left one) and publish the
@@ -202,7 +213,8 @@ def train_scvi(
         shuffle=True, seed=seed, obs_columns=(cell_type_key,) if cell_type_key else (),
         # The model's library size is the observed one (no use_size_factor_key), and only the
         # held-out split names cells: neither column is read otherwise.
-        with_totals=False, with_obs_names=validating,
+        with_totals=False, with_obs_names=validating, categorical_covariate_keys=categorical_covariate_keys,
+        continuous_covariate_keys=continuous_covariate_keys, **(data_options or DataOptions()).open_kwargs(),
     )
     collection = datamodule.collection
     cell_types: list[str] = []
@@ -234,12 +246,16 @@ def train_scvi(
     provenance = provenance or {}
     recipe = {
         "model": scvi_model_spec(var_names_g, n_batch=n_batch, n_latent=n_latent, n_hidden=n_hidden,
-                                 n_layers=n_layers, kl_warmup_steps=kl_warmup_steps),
+                                 n_layers=n_layers, kl_warmup_steps=kl_warmup_steps,
+                                 n_cats_per_cov=[len(c) for c in collection.covariate_categories],
+                                 n_continuous_cov=len(collection.continuous_covariate_keys)),
         "transforms": [spec(Filter, filter_list=gene_list)] if gene_list is not None else [],
         "data": {
             "input_var_names_g": collection.var_names_g,
-            "batch_key": batch_key,
+            "source": recorded_source(collection),
+            "batch_key": collection.batch_key,
             "batch_categories": collection.batch_categories,
+            "covariates": recorded_covariates(collection),
             "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": n_latent},
             "validation": {"val_fraction": val_fraction, "cell_type_key": cell_type_key,
                            "cell_types": cell_types, "ontology": ontology_version() if cell_types else None},

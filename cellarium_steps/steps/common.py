@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import inspect
@@ -17,6 +18,7 @@ import yaml
 
 from cellarium_steps import __version__
 from cellarium_steps.data.errors import ConfigError, InputError
+from cellarium_steps.data.options import DataOptions
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -28,13 +30,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
     group = parser.add_argument_group("common options")
     group.add_argument(
         "--input", nargs="+", metavar="H5AD",
-        help="the .h5ad shards: paths, or a quoted glob such as 'shards/*.h5ad' (required)",
+        help="the shards (.h5ad files or .zarr stores): paths, or a quoted glob such as 'shards/*.h5ad' (required)",
     )
     group.add_argument("--output", metavar="PATH", help="path of the step's main output file (required)")
     group.add_argument(
-        "--batch-key", metavar="COLUMN", default=None,
-        help="obs column with each cell's batch; statistics are kept per batch (default: no batches)",
+        "--batch-key", metavar="COLUMN[,COLUMN...]", default=None,
+        help="obs column with each cell's batch, or several (dataset_id,assay,donor_id): the batch is their "
+        "combination, named a|b|c; statistics are kept per batch (default: no batches)",
     )
+    add_data_arguments(group)
     group.add_argument(
         "--batch-size", type=int, default=batch_size, metavar="N",
         help=f"cells per batch read from the shards (default: {batch_size}); memory grows with it",
@@ -63,6 +67,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
         "options given on the command line win",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """Where the counts are, which names are the genes, how shards' genes join, which cells: DataOptions."""
+    group.add_argument(
+        "--counts", metavar="auto|X|raw|layers/NAME", default=None,
+        help="the matrix of raw integer counts: X, raw (raw/X, genes from raw/var), layers/NAME, or auto (X when "
+        "it holds integer counts, else raw/X; default, or for predict the matrix the model was trained on)",
+    )
+    group.add_argument(
+        "--var-names", metavar="index|COLUMN", default=None,
+        help="what names the genes: the var index (default) or a var column such as feature_name or gene_ids",
+    )
+    group.add_argument(
+        "--gene-join", choices=("same", "inner", "outer"), default=None,
+        help="shards' genes, aligned by name: the same set in any order (default), the genes all shards have "
+        "(inner), or all genes, zero where a shard lacks one and left out of its per-gene statistics (outer)",
+    )
+    group.add_argument(
+        "--obs-filter", metavar="EXPR", default=None,
+        help="read only the cells this pandas query over obs keeps; n_genes is each cell's detected genes, "
+        "e.g. 'is_primary_data == True and n_genes >= 300' (default: every cell)",
+    )
 
 
 def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], required: Sequence[str] = ("input", "output")) -> argparse.Namespace:
@@ -139,7 +166,9 @@ def call_pipeline(fn: Callable[..., Any], args: argparse.Namespace, **overrides:
     kwargs: dict[str, Any] = {}
     for name, parameter in parameters.items():
         option = "input" if name == "inputs" else name
-        if name in overrides:
+        if name == "data_options" and name not in overrides:
+            kwargs[name] = DataOptions(**{f.name: options.get(f.name) for f in dataclasses.fields(DataOptions)})
+        elif name in overrides:
             kwargs[name] = overrides[name]
         elif option in options:
             kwargs[name] = options[option]
@@ -196,3 +225,49 @@ def _one_line(error: Exception) -> str:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+# -- the options of the label-trained steps (train-socam, train-logreg) ------------------------------------
+
+
+def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, w_prior_scale: float,
+                                 learning_rate: float = 1e-2) -> argparse._ArgumentGroup:
+    # imported here, not at the top: every step imports this module, and the label pipeline loads Lightning
+    from cellarium_steps.pipelines.labels import DEFAULT_MAX_EPOCHS_CAP, DEFAULT_TRAINING_STEPS
+
+    add_common_arguments(parser, batch_size=1024)
+    group = parser.add_argument_group(f"{step} options")
+    group.add_argument(
+        "--genes", metavar="PATH",
+        help="genes to use: a CSV with 'gene' and 'highly_variable' columns (the hvg step's output; the "
+        "highly variable ones are used) or a text file with one gene per line (default: all genes)",
+    )
+    group.add_argument(
+        "--cell-type-key", default="cell_type_ontology_term_id", metavar="COLUMN",
+        help="obs column with each cell's Cell Ontology id; missing or 'unknown' cells are not trained on "
+        "(default: cell_type_ontology_term_id)",
+    )
+    group.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                       help=f"passes over the data (default: enough for about {DEFAULT_TRAINING_STEPS} optimizer "
+                       f"steps, at most {DEFAULT_MAX_EPOCHS_CAP} epochs; 1 on large data)")
+    group.add_argument("--learning-rate", type=float, default=learning_rate, metavar="LR",
+                       help=f"Adam learning rate (default: {learning_rate:g})")
+    group.add_argument("--target-count", type=float, default=1e4, metavar="N",
+                       help="each cell's counts are scaled to this total before log1p (default: 1e4)")
+    features = group.add_mutually_exclusive_group()
+    features.add_argument("--pca", metavar="PATH",
+                          help="train on the cells' principal components instead of genes: the pca step's --output "
+                          "(its normalisation and genes come with it)")
+    features.add_argument("--scvi", metavar="CKPT",
+                          help="train on the cells' scVI latent means instead of genes: a train-scvi checkpoint "
+                          "(batches coded as it coded them; --batch-key defaults to its)")
+    group.add_argument("--w-prior-scale", type=float, default=w_prior_scale, metavar="B",
+                       help=f"scale of the Laplace prior on the weights; smaller is sparser (default: {w_prior_scale:g})")
+    return group
+
+
+def label_training_options(step: str, args: argparse.Namespace) -> Any:
+    """train-socam's and train-logreg's options as a ``pipelines.labels.LabelTrainingOptions``."""
+    from cellarium_steps.pipelines.labels import LabelTrainingOptions
+
+    return call_pipeline(LabelTrainingOptions, args, provenance=provenance(step, args))

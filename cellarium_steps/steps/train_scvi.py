@@ -13,7 +13,18 @@ EPILOG = f"""model:
   scvi-tools' default scVI (scvi.model.SCVI with gene_likelihood="nb", dispersion="gene"): the encoder
   reads log1p counts, each decoder hidden layer also reads the one-hot batch (--batch-key), batch norm
   in both, dropout 0.1 in the encoder, observed library size. Counts stay raw: the model takes log1p
-  itself. Non-integer values in X are an error.
+  itself. Non-integer values in the counts matrix (--counts) are an error.
+
+covariates:
+  --categorical-covariate-keys a,b   obs columns the decoder also reads, one-hot (scvi-tools'
+                                     categorical_covariate_keys); each is coded like a one-column batch
+                                     key, consistently across shards, and its categories are recorded in
+                                     the checkpoint: predict codes new cells with them, and a value the
+                                     model never saw stops predict before the pass, naming file, column
+                                     and value
+  --continuous-covariate-keys c,d    numeric obs columns the decoder also reads (scvi-tools'
+                                     continuous_covariate_keys), as float64; a missing or NaN value is an
+                                     error naming file, column and row
 
 KL warm-up:
   the KL weight rises linearly from 0 to 1 over --kl-warmup-steps optimizer steps. The default is a
@@ -39,7 +50,8 @@ outputs:
   OUTPUT (.ckpt)            the final Lightning checkpoint: weights, optimizer state, and the recipe
                             that rebuilds the pipeline (the --genes filter and the model's constructor
                             arguments), the shards' genes, --batch-key and its categories (batch index
-                            i is category i), provenance. `cellarium-steps predict --checkpoint` and
+                            i is category i), the covariates' columns and categories, the counts matrix
+                            and gene names read (--counts, --var-names), provenance. `cellarium-steps predict --checkpoint` and
                             CellariumModule.from_checkpoint() use it.
   OUTPUT.d/last.ckpt        checkpoint of the last finished epoch, written atomically every epoch; a run
                             started again with the same options resumes from it
@@ -77,8 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"optimizer steps over which the KL weight rises to 1 (default: a quarter of the run, at most "
         f"{MAX_DEFAULT_KL_WARMUP_STEPS})",
     )
-
-
+    group.add_argument(
+        "--categorical-covariate-keys", nargs="+", metavar="COLUMN[,COLUMN...]", default=None,
+        help="obs columns of categorical covariates besides the batch (default: none)",
+    )
+    group.add_argument(
+        "--continuous-covariate-keys", nargs="+", metavar="COLUMN[,COLUMN...]", default=None,
+        help="numeric obs columns of continuous covariates (default: none)",
+    )
     group.add_argument(
         "--val-fraction", type=float, default=0.0, metavar="F",
         help="hold out this fraction of the cells (by a hash of their obs names) and validate on them after "

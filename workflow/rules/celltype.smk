@@ -24,13 +24,14 @@ rule train_socam:
         **gpu_resources(),
         mem_mb=4000,
     params:
+        shards=shard_args,
         cell_type_key=cell_type_key_option(),
         run=run_options(ddp=True),
         launch=launch,
         features=SOCAM_FEATURE_INPUTS[SOCAM_FEATURES][0],
         options=step_options("train_socam", exclude=("features",)),
     shell:
-        "{params.launch} cellarium-steps train-socam --input {input.shards:q} {params.cell_type_key} {params.features} {input.features}"
+        "{params.launch} cellarium-steps train-socam --input {params.shards} {params.cell_type_key} {params.features} {input.features}"
         " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
@@ -49,8 +50,9 @@ rule predict_socam:
         **gpu_resources(),
         mem_mb=3000,
     params:
+        shards=shard_args,
         run=run_options(ddp=True),
         launch=launch,
     shell:
-        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {input.shards:q}"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
         " --output {output.cells} {params.run} > {log} 2>&1"

@@ -15,7 +15,8 @@ DEMO_SHARDS = f"{RESULTS}/demo_shards"
 
 @functools.cache  # every rule asks; a bucket is listed once
 def user_shards():
-    """The configured shards, globs expanded (in the object store when the path is one); empty when the
+    """The configured shards (.h5ad files or .zarr store directories), globs expanded (in the object store
+    when the path is one); empty when the
     demo data is used."""
     patterns = config.get("input")
     if not patterns:
@@ -31,6 +32,7 @@ def user_shards():
             matches = sorted(glob.glob(pattern))
         if not matches:
             raise WorkflowError(f"config input: no file matches {pattern!r}")
+        # .zarr stores are directories: a glob lists them as it lists files
         paths += matches
     return paths
 
@@ -76,9 +78,32 @@ def demo_shards():
     return [f"{DEMO_SHARDS}/shard_{i:0{width}d}.h5ad" for i in range(n_shards)]
 
 
-def shard_inputs(wildcards=None):
-    """Every rule's shards, as `input:` files (so that storage plugins stage them): the user's, else the demo's."""
+# With `convert: true` every step reads the shards rule convert_shards wrote, not the configured input.
+CONVERT = bool(config.get("convert"))
+CONVERTED_SHARDS = f"{RESULTS}/converted"
+
+
+def input_shards(wildcards=None):
+    """The configured input as `input:` files (so that storage plugins stage them): the user's, else the
+    demo's."""
     return user_shards() or demo_shards()
+
+
+def input_shard_args(wildcards, input):
+    """The --input arguments of the configured input: the local paths of the rule's `shards` input."""
+    return " ".join(shlex.quote(p) for p in input.shards)
+
+
+def shard_inputs(wildcards=None):
+    """What the steps read: the converted shards (`convert: true`), else the configured input."""
+    return [CONVERTED_SHARDS] if CONVERT else input_shards()
+
+
+def shard_args(wildcards, input):
+    """The --input arguments of what the steps read."""
+    if CONVERT:
+        return shlex.quote(f"{CONVERTED_SHARDS}/shard_*.h5ad")
+    return input_shard_args(wildcards, input)
 
 
 def step_options(step, exclude=()):
@@ -91,7 +116,7 @@ def step_options(step, exclude=()):
         if isinstance(value, bool):
             options += [flag] if value else []
         elif isinstance(value, list):
-            options += [flag, *map(str, value)]
+            options += [flag, *map(str, value)] if value else []
         else:
             options += [flag, str(value)]
     return " ".join(shlex.quote(o) for o in options)
@@ -152,7 +177,8 @@ def job_gpus(resources):
 def run_options(ddp=False):
     """The step's --accelerator, --devices, --num-nodes and --seed, from the resources the job was given:
     a job with a GPU uses it (config `accelerator`: gpu or auto), any other runs on the CPU. `ddp`: a
-    rule of gpu_resources(), with `devices` processes on each of `num_nodes` machines.
+    rule of gpu_resources(), with `devices` processes on each of `num_nodes` machines. Then the data
+    options (data_options()).
     """
 
     def options(wildcards, resources):
@@ -168,7 +194,7 @@ def run_options(ddp=False):
             devices,
         ]
         flags += ["--num-nodes", nodes] if nodes > 1 else []
-        return " ".join(shlex.quote(str(f)) for f in flags)
+        return " ".join(shlex.quote(str(f)) for f in flags + data_options())
 
     return options
 
@@ -183,9 +209,40 @@ def launch(wildcards, threads, resources):
     return f"${{SLURM_JOB_ID:+{srun}}}"
 
 
-def batch_key_option():
-    key = config.get("batch_key")
+# How every step that reads the shards reads them (null: the step's default).
+DATA_KEYS = ("counts", "var_names", "gene_join", "obs_filter")
+
+
+def data_options(for_convert=False):
+    """--counts, --var-names, --gene-join, --obs-filter from the config's global keys, where set.
+
+    With `convert: true` they go to the convert_shards job alone: the converted shards hold integer counts
+    in X, the chosen genes as the var index and only the kept cells, so the later steps read them with
+    the defaults (`--counts raw` would find no raw/X there).
+    """
+    if CONVERT and not for_convert:
+        return []
+    options = []
+    for key in DATA_KEYS:
+        if config.get(key) is not None:
+            options += [f"--{key.replace('_', '-')}", str(config[key])]
+    return options
+
+
+def batch_columns(step=None):
+    """The batch key as 'a,b' (a string or a list in the config): the step's own, else the global one."""
+    key = (config.get(step) or {}).get("batch_key") if step else None
+    key = key if key is not None else config.get("batch_key")
+    return ",".join(key) if isinstance(key, list) else key
+
+
+def batch_key_option(step=None):
+    key = batch_columns(step)
     return f"--batch-key {shlex.quote(key)}" if key else ""
+
+
+# hvg reuses mean-var's per-batch table when both group the cells alike; else it makes its own 2 passes.
+HVG_USES_MEAN_VAR = batch_columns("hvg") == batch_columns()
 
 
 # SOCAM (train_socam, predict_socam) runs when the shards have cell type labels.
@@ -205,3 +262,14 @@ def export_dataset():
         or os.path.basename(os.path.normpath(os.path.abspath(RESULTS)))
         or "default"
     )
+
+
+def convert_obs_columns():
+    """--obs-columns: none configured keeps every column all inputs have; a list keeps those and the columns
+    later rules read (cell_type_key; convert adds the --batch-key columns itself)."""
+    columns = list((config.get("convert_shards") or {}).get("obs_columns") or [])
+    if not columns:
+        return ""
+    key = config.get("cell_type_key")
+    columns += [key] if key and key not in columns else []
+    return "--obs-columns " + " ".join(shlex.quote(c) for c in columns)

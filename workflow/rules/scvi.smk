@@ -14,12 +14,13 @@ rule train_scvi:
         **gpu_resources(),
         mem_mb=4000,
     params:
+        shards=shard_args,
         batch_key=batch_key_option(),
         run=run_options(ddp=True),
         launch=launch,
         options=step_options("train_scvi"),
     shell:
-        "{params.launch} cellarium-steps train-scvi --input {input.shards:q} {params.batch_key} --genes {input.genes}"
+        "{params.launch} cellarium-steps train-scvi --input {params.shards} {params.batch_key} --genes {input.genes}"
         " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
@@ -38,8 +39,9 @@ rule predict_scvi:
         **gpu_resources(),
         mem_mb=3000,
     params:
+        shards=shard_args,
         run=run_options(ddp=True),
         launch=launch,
     shell:
-        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {input.shards:q}"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
         " --output {output.cells} {params.run} > {log} 2>&1"

@@ -12,11 +12,12 @@ rule mean_var:
     resources:
         mem_mb=2000,
     params:
+        shards=shard_args,
         batch_key=batch_key_option(),
         run=run_options(),
         options=step_options("mean_var"),
     shell:
-        "cellarium-steps mean-var --input {input.shards:q} {params.batch_key} --output {output.csv}"
+        "cellarium-steps mean-var --input {params.shards} {params.batch_key} --output {output.csv}"
         " {params.run} {params.options} > {log} 2>&1"
 
 
@@ -34,8 +35,9 @@ rule tdigest:
     resources:
         mem_mb=2000,
     params:
+        shards=shard_args,
         run=run_options(),
         options=step_options("tdigest"),
     shell:
-        "cellarium-steps tdigest --input {input.shards:q} --output {output.csv}"
+        "cellarium-steps tdigest --input {params.shards} --output {output.csv}"
         " {params.run} {params.options} > {log} 2>&1"

@@ -16,11 +16,12 @@ rule train_geneformer:
         **gpu_resources(),
         mem_mb=4000,
     params:
+        shards=shard_args,
         run=run_options(ddp=True),
         launch=launch,
         options=step_options("train_geneformer"),
     shell:
-        "{params.launch} cellarium-steps train-geneformer --input {input.shards:q} --tdigest {input.tdigest}"
+        "{params.launch} cellarium-steps train-geneformer --input {params.shards} --tdigest {input.tdigest}"
         " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
@@ -41,9 +42,10 @@ rule train_gpt:
         **gpu_resources(),
         mem_mb=4000,
     params:
+        shards=shard_args,
         run=run_options(ddp=True),
         launch=launch,
         options=step_options("train_gpt"),
     shell:
-        "{params.launch} cellarium-steps train-gpt --input {input.shards:q} --genes {input.genes}"
+        "{params.launch} cellarium-steps train-gpt --input {params.shards} --genes {input.genes}"
         " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
