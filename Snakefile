@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+include: "workflow/rules/config.smk"
+
+
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -21,6 +24,7 @@ container: config["container"]
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/embedding.smk"
 include: "workflow/rules/scvi.smk"

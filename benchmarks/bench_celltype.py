@@ -67,23 +67,21 @@ def features(adata, genes: list[str]) -> np.ndarray:
     return x[:, adata.var_names.get_indexer(genes)].toarray().astype(np.float32)
 
 
-def socam_defaults() -> argparse.Namespace:
-    """train-socam's option defaults, read from its parser."""
-    from cellarium_steps.steps import train_socam
+def socam_defaults():
+    """train-socam's option defaults."""
+    from cellarium_steps.pipelines.labels import SOCAM_W_PRIOR_SCALE, LabelTrainingOptions
 
-    parser = argparse.ArgumentParser()
-    train_socam.add_arguments(parser)
-    return parser.parse_args(["--input", "x.h5ad", "--output", "x.ckpt"])
+    return LabelTrainingOptions(inputs=["x.h5ad"], output="x.ckpt", w_prior_scale=SOCAM_W_PRIOR_SCALE)
 
 
-def train_socam(x_ng: np.ndarray, labels_n: np.ndarray, genes: list[str], defaults: argparse.Namespace,
+def train_socam(x_ng: np.ndarray, labels_n: np.ndarray, genes: list[str], defaults,
                 epochs: int, seed: int):
     """SOCAM over the training cells' label terms, as train-socam builds it, trained on minibatches."""
     import torch
 
     from cellarium_steps.models.socam import SOCAM
     from cellarium_steps.ontology import descendant_tensor, is_unlabelled
-    from cellarium_steps.steps.train_socam import W_INIT_SCALE
+    from cellarium_steps.pipelines.labels import W_INIT_SCALE
 
     labelled = np.array([not is_unlabelled(v) for v in labels_n])
     terms = sorted(set(labels_n[labelled]))
@@ -109,7 +107,7 @@ def socam_calls(model, x_ng: np.ndarray) -> tuple[list[str], int]:
     """The calls predict writes, and the number of parent < child violations of the propagated probabilities."""
     import torch
 
-    from cellarium_steps.export.prediction_columns import descendant_lists, ontology_call
+    from cellarium_steps.outputs.prediction_columns import descendant_lists, ontology_call
 
     probs_nc = model.predict(torch.from_numpy(x_ng), model.var_names_g)["cell_type_probs_nc"].numpy()
     d_cc = model.active_descendant_tensor_cc.numpy()
@@ -147,7 +145,7 @@ def main() -> None:
     import torch
     from sklearn.linear_model import LogisticRegression
 
-    from cellarium_steps.steps.train_socam import default_max_epochs
+    from cellarium_steps.pipelines.labels import default_max_epochs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = socam_defaults()

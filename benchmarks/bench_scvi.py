@@ -110,7 +110,7 @@ def prepare_data(out_dir: Path, seed: int, n_cells: int | None = None) -> dict[s
 
 
 def default_warmup_steps(n_cells: int, batch_size: int, epochs: int) -> int:
-    from cellarium_steps.steps.train_scvi import default_kl_warmup_steps
+    from cellarium_steps.pipelines.scvi import default_kl_warmup_steps
 
     return default_kl_warmup_steps(epochs, -(-n_cells // batch_size))
 
@@ -192,8 +192,8 @@ def worker_ours_throughput(spec: dict) -> dict:
     from cellarium_steps.runner import CellariumModule, build_trainer
     from cellarium_steps.runner.recipe import spec as recipe_spec
     from cellarium_steps.steps.cli import configure_allocator
-    from cellarium_steps.steps.common import read_gene_list
-    from cellarium_steps.steps.train_scvi import optimizer_kwargs
+    from cellarium_steps.outputs.genes import read_gene_list
+    from cellarium_steps.pipelines.scvi import optimizer_kwargs
     from cellarium_steps.transforms.filter import Filter
 
     configure_allocator()  # as the cellarium-steps command does before any step

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cellarium_steps.data import ShardDataModule
-from cellarium_steps.export.tables import read_provenance
+from cellarium_steps.outputs.tables import read_provenance
 from cellarium_steps.models import OnePassMeanVarStd
 from cellarium_steps.runner import CellariumModule, build_trainer
 from conftest import run_cli

@@ -22,10 +22,12 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from cellarium_steps.export.tables import read_provenance
+from cellarium_steps.outputs.tables import read_provenance
 from cellarium_steps.models import ExactPCA, IncrementalPCA
 from cellarium_steps.steps.cli import main
-from cellarium_steps.steps.pca import load_pca, output_paths, read_gene_list
+from cellarium_steps.outputs.genes import read_gene_list
+from cellarium_steps.outputs.pca import output_paths, read_pca_state
+from cellarium_steps.pipelines.pca import load_pca
 from pca_reference import Reference, assert_accurate, fit_model, log_normalised, synthetic
 
 pytestmark = [
@@ -351,7 +353,7 @@ def test_step_auto_method_and_no_log1p(small_shards: list[str], tmp_path: Path) 
     output = tmp_path / "pca.parquet"
     common = ["pca", "--input", *small_shards, "--output", str(output), "--n-components", "5", "--quiet"]
     assert main([*common, "--method", "auto", "--exact-max-genes", "50", "--no-log1p"]) == 0
-    state = torch.load(output_paths(str(output))["state"], weights_only=True)
+    state = read_pca_state(output_paths(str(output))["state"])
     assert state["model"] == "IncrementalPCA" and state["config"]["log1p"] is False
     model, transforms = load_pca(output_paths(str(output))["state"])
     assert [type(t).__name__ for t in transforms] == ["NormalizeTotal"]

@@ -16,13 +16,13 @@ from torch.utils.data import DataLoader
 from cellarium_steps.data.dataset import collate_identity
 from cellarium_steps.data.simulate import simulate_shards
 from cellarium_steps.models import SingleCellVariationalInference
-from cellarium_steps.models.scvi import (
+from cellarium_steps.models._latent_metrics import (
     Reservoir,
     fit_logistic_regression,
     ontology_spearman,
-    scvi_tools_default_architecture,
     spearman_correlation,
 )
+from cellarium_steps.models.scvi import scvi_tools_default_architecture
 from cellarium_steps.runner import CellariumModule, build_trainer
 from cellarium_steps.steps.cli import main as cli_main
 
@@ -679,7 +679,7 @@ def test_train_scvi_validation_split_and_cell_type_metrics(tmp_path: Path) -> No
     module = CellariumModule.from_checkpoint(str(output))
     assert module.model.cell_type_categories is None
 
-    from cellarium_steps.steps.train_scvi import HeldOutCells
+    from cellarium_steps.pipelines.scvi import HeldOutCells
 
     names = np.array([f"cell{i}" for i in range(20000)], dtype=object)
     mask = HeldOutCells(0.25, seed=0).mask(names)
@@ -783,7 +783,7 @@ def test_train_scvi_names_the_shard_and_cell_of_non_integer_counts(tmp_path: Pat
 
 def test_select_cells_keeps_csr_rows_with_torch_operations() -> None:
     """The held-out split runs on the batch's device: CSR row selection without scipy (CUDA tensors have no numpy)."""
-    from cellarium_steps.steps.train_scvi import select_cells
+    from cellarium_steps.pipelines.scvi import select_cells
 
     generator = torch.Generator().manual_seed(0)
     dense_ng = torch.poisson(torch.rand(9, 7, generator=generator)) * (torch.rand(9, 7, generator=generator) < 0.4)

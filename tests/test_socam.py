@@ -30,7 +30,7 @@ from cellarium_steps.ontology import (
 )
 from cellarium_steps.runner import CellariumModule, apply_transforms, build_trainer
 from cellarium_steps.steps.cli import main as cli_main
-from cellarium_steps.steps.train_socam import DEFAULT_MAX_EPOCHS_CAP, DEFAULT_TRAINING_STEPS, default_max_epochs
+from cellarium_steps.pipelines.labels import DEFAULT_MAX_EPOCHS_CAP, DEFAULT_TRAINING_STEPS, default_max_epochs
 from cellarium_steps.transforms.augment import BinomialResample, DuplicateViews, GeneDropout
 
 CD4_T = "CL:0000624"
@@ -634,7 +634,7 @@ def test_validate_logs_loss_and_accuracy_and_histograms_need_no_logger() -> None
 
 
 def test_ontology_call_is_the_most_specific_term_at_or_above_one_half() -> None:
-    from cellarium_steps.export.prediction_columns import descendant_lists, ontology_call, top_k
+    from cellarium_steps.outputs.prediction_columns import descendant_lists, ontology_call, top_k
 
     names = [CD4_T, NAIVE_CD4_T, MEMORY_CD4_T, B_CELL]  # CD4 T is the parent of naive and memory
     descendants = descendant_lists(descendant_tensor(names))
@@ -653,7 +653,7 @@ def test_predict_writes_the_call_and_top_k_of_a_socam_checkpoint(small_labelled_
     import pyarrow as pa
     import pyarrow.dataset as ds
 
-    from cellarium_steps.export.prediction_columns import descendant_lists, ontology_call
+    from cellarium_steps.outputs.prediction_columns import descendant_lists, ontology_call
 
     shards, gene_file, adata = small_labelled_shards
     output = str(tmp_path / "socam.ckpt")

@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Input data or configuration that a step cannot use, found before or during a pass."""
+
+
+class ConfigError(InputError):
+    """A wrong key or value in --config, on the command line, or in a pipeline's keyword arguments."""

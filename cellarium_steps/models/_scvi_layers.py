@@ -1,4 +1,4 @@
-"""Layers of the scVI encoder and decoder, and the dict format that describes a stack of them.
+"""Layers of the scVI encoder and decoder, the dict format that describes a stack of them, and the two networks.
 
 The format (one dict for the encoder, one for the decoder; see
 :class:`~cellarium_steps.models.scvi.SingleCellVariationalInference`)::
@@ -45,13 +45,18 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.distributions import Normal
 
 _PREFIXES = ("cellarium_steps.models.scvi.", "cellarium_steps.models._scvi_layers.", "cellarium.ml.models.scvi.")
 _CELLARIUM_ML_EMPTY_ARGS = ("batch_to_bias_hidden_layers", "label_to_bias_hidden_layers")
+#: scvi-tools' floor on the encoder's variance.
+VAR_EPS = 1e-4
+#: the additive bias (``final_additive_bias``) starts near zero counts: softplus(-6.9) ~ 1e-3.
+ADDITIVE_BIAS_INIT = math.log(math.expm1(1e-3))
 
 
 class LinearWithBatch(nn.Linear):
@@ -286,6 +291,28 @@ class HiddenStack(nn.Module):
         return x_nh
 
 
+def scvi_tools_default_architecture(n_hidden: int = 128, n_layers: int = 1) -> tuple[dict, dict]:
+    """Encoder and decoder dicts of scvi-tools' default ``VAE``.
+
+    The encoder sees only the (log1p) counts (``encode_covariates=False``); each decoder hidden
+    layer sees the batch and categorical covariates (``deeply_inject_covariates=True``); the
+    normalized-expression head is a plain linear layer.
+    """
+    encoder = {
+        "hidden_layers": [{"class_path": "Linear", "init_args": {"out_features": n_hidden}} for _ in range(n_layers)],
+        "final_layer": {"class_path": "Linear", "init_args": {}},
+    }
+    decoder = {
+        "hidden_layers": [
+            {"class_path": "LinearWithBatchAndCovariates", "init_args": {"out_features": n_hidden}}
+            for _ in range(n_layers)
+        ],
+        "final_layer": {"class_path": "Linear", "init_args": {}},
+        "final_additive_bias": False,
+    }
+    return encoder, decoder
+
+
 def _check_dressing(
     spec: Mapping[str, Any], where: str, use_batch_norm: bool, use_layer_norm: bool, dropout_rate: float
 ) -> None:
@@ -317,3 +344,101 @@ def check_architecture_dict(spec: Mapping[str, Any], where: str, allowed: set[st
         known = ", ".join(["hidden_layers", "final_layer", *sorted(allowed)])
         raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {known})")
     return copy.deepcopy(dict(spec))
+
+
+class EncoderSCVI(nn.Module):
+    """q(z | x): hidden stack, then two copies of the final layer for the mean and the log-variance."""
+
+    def __init__(
+        self,
+        in_features: int,
+        n_latent: int,
+        spec: Mapping[str, Any],
+        *,
+        n_batch_features: int,
+        n_categorical_features: int,
+        use_batch_norm: bool,
+        use_layer_norm: bool,
+        dropout_rate: float,
+    ) -> None:
+        super().__init__()
+        self.hidden = HiddenStack(
+            in_features, spec["hidden_layers"], n_batch_features=n_batch_features,
+            n_categorical_features=n_categorical_features, use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm, dropout_rate=dropout_rate, where="encoder",
+        )
+        build = dict(out_features=n_latent, n_batch_features=n_batch_features,
+                     n_categorical_features=n_categorical_features, where="encoder.final_layer")
+        self.mean_layer = build_layer(spec["final_layer"], self.hidden.out_features, **build)  # type: ignore[arg-type]
+        self.var_layer = build_layer(spec["final_layer"], self.hidden.out_features, **build)  # type: ignore[arg-type]
+
+    def forward(
+        self, x_ng: torch.Tensor, batch_nb: torch.Tensor | None, categorical_np: torch.Tensor | None
+    ) -> Normal:
+        q_nh = self.hidden(x_ng, batch_nb, categorical_np)
+        mean_nk = apply_layer(self.mean_layer, q_nh, batch_nb, categorical_np)
+        var_nk = torch.exp(apply_layer(self.var_layer, q_nh, batch_nb, categorical_np)) + VAR_EPS
+        return Normal(mean_nk, var_nk.sqrt())
+
+
+class DecoderSCVI(nn.Module):
+    """p(x | z): hidden stack, normalized expression head, optional per-cell dispersion and additive bias."""
+
+    def __init__(
+        self,
+        in_features: int,
+        n_genes: int,
+        spec: Mapping[str, Any],
+        *,
+        n_batch_features: int,
+        n_categorical_features: int,
+        use_batch_norm: bool,
+        use_layer_norm: bool,
+        scale_activation: Literal["softmax", "softplus"],
+        cell_dispersion: bool,
+    ) -> None:
+        super().__init__()
+        self.hidden = HiddenStack(
+            in_features, spec["hidden_layers"], n_batch_features=n_batch_features,
+            n_categorical_features=n_categorical_features, use_batch_norm=use_batch_norm,
+            use_layer_norm=use_layer_norm, dropout_rate=0.0, where="decoder",
+        )
+        width = self.hidden.out_features
+        self.scale_layer = build_layer(
+            spec["final_layer"], width, out_features=n_genes, n_batch_features=n_batch_features,
+            n_categorical_features=n_categorical_features, where="decoder.final_layer",
+        )
+        self.scale_activation = nn.Softmax(dim=-1) if scale_activation == "softmax" else nn.Softplus()
+        # scvi-tools' px_r_decoder: a plain linear head, as for 'gene-cell' there.
+        self.dispersion_layer = nn.Linear(width, n_genes) if cell_dispersion else None
+        self.additive_bias_layer: nn.Linear | None = None
+        self.n_batch_features = n_batch_features
+        self.n_categorical_features = n_categorical_features
+        if bool(spec.get("final_additive_bias", False)):
+            # Without covariates it reads one zero column: a per-gene bias, and no zero-size weight for DDP.
+            self.additive_bias_layer = nn.Linear(max(n_batch_features + n_categorical_features, 1), n_genes)
+
+    def reset_additive_bias(self) -> None:
+        if self.additive_bias_layer is not None:
+            nn.init.zeros_(self.additive_bias_layer.weight)
+            nn.init.constant_(self.additive_bias_layer.bias, ADDITIVE_BIAS_INIT)
+
+    def forward(
+        self,
+        decoder_input_nk: torch.Tensor,
+        library_size_n1: torch.Tensor,
+        batch_nb: torch.Tensor | None,
+        categorical_np: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(normalized expression, mean counts, log inverse dispersion per cell or None)."""
+        q_nh = self.hidden(decoder_input_nk, batch_nb, categorical_np)
+        scale_ng = self.scale_activation(apply_layer(self.scale_layer, q_nh, batch_nb, categorical_np))
+        rate_ng = torch.exp(library_size_n1) * scale_ng
+        if self.additive_bias_layer is not None:
+            covariates = [t for t in (batch_nb, categorical_np) if t is not None and t.shape[-1] > 0]
+            n_cells = decoder_input_nk.shape[0]
+            covariates_nc = torch.cat(covariates, dim=-1) if covariates else decoder_input_nk.new_zeros(n_cells, 1)
+            # Background counts per batch (and covariate), independent of the cell's state and depth.
+            rate_ng = rate_ng + nn.functional.softplus(self.additive_bias_layer(covariates_nc.to(rate_ng.dtype)))
+        log_theta_ng = self.dispersion_layer(q_nh) if self.dispersion_layer is not None else None
+        return scale_ng, rate_ng, log_theta_ng

@@ -10,24 +10,33 @@ means and gradients (see ``tests/test_scvi.py``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
-from torch.distributions import Distribution, Gamma, Normal, Poisson, constraints
+from torch.distributions import Distribution, Normal, Poisson
 from torch.distributions import kl_divergence as kl
-from torch.distributions.utils import broadcast_all
 
+from cellarium_steps.models._latent_metrics import ValidationState, cell_type_metrics, ordered_distance_matrix
+from cellarium_steps.models._scvi_checks import (
+    check_arguments,
+    check_batch_index,
+    check_categorical_index,
+    check_continuous,
+    on_side,
+    reconstruction_gene_inds,
+)
+from cellarium_steps.models._scvi_distributions import NegativeBinomial, SplineFlowPrior, log_poisson_sum
 from cellarium_steps.models._scvi_layers import (
-    HiddenStack,
+    DecoderSCVI,
+    EncoderSCVI,
     LinearWithBatch,
     LinearWithBatchAndCovariates,
-    apply_layer,
-    build_layer,
-    check_architecture_dict,
+    scvi_tools_default_architecture,
 )
+from cellarium_steps.models._scvi_reconstruct import reconstruct_counts
 from cellarium_steps.models._tensors import densify, nonzero_entries
 from cellarium_steps.models.base import CellariumModel, PredictMixin, ValidateMixin, check_var_names
 
@@ -43,492 +52,6 @@ __all__ = [
     "SplineFlowPrior",
     "scvi_tools_default_architecture",
 ]
-
-#: scvi-tools' floor on the encoder's variance.
-VAR_EPS = 1e-4
-#: the additive bias (``final_additive_bias``) starts near zero counts: softplus(-6.9) ~ 1e-3.
-ADDITIVE_BIAS_INIT = math.log(math.expm1(1e-3))
-#: "mean" reconstructs in at most this many batches (the API's "first 10 batches").
-MEAN_TRANSFORM_MAX_BATCHES = 10
-#: the flow prior: spline coupling layers (each dimension is transformed by half of them) and spline shape.
-FLOW_N_COUPLINGS = 4
-FLOW_COUNT_BINS = 8
-FLOW_BOUND = 5.0
-#: reconstruct() decodes latent samples in chunks of at most this many (cells x genes x samples) values.
-RECONSTRUCT_CHUNK_ELEMENTS = 2**24
-
-
-def scvi_tools_default_architecture(n_hidden: int = 128, n_layers: int = 1) -> tuple[dict, dict]:
-    """Encoder and decoder dicts of scvi-tools' default ``VAE``.
-
-    The encoder sees only the (log1p) counts (``encode_covariates=False``); each decoder hidden
-    layer sees the batch and categorical covariates (``deeply_inject_covariates=True``); the
-    normalized-expression head is a plain linear layer.
-    """
-    encoder = {
-        "hidden_layers": [{"class_path": "Linear", "init_args": {"out_features": n_hidden}} for _ in range(n_layers)],
-        "final_layer": {"class_path": "Linear", "init_args": {}},
-    }
-    decoder = {
-        "hidden_layers": [
-            {"class_path": "LinearWithBatchAndCovariates", "init_args": {"out_features": n_hidden}}
-            for _ in range(n_layers)
-        ],
-        "final_layer": {"class_path": "Linear", "init_args": {}},
-        "final_additive_bias": False,
-    }
-    return encoder, decoder
-
-
-def log_nb_positive(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Negative binomial log-likelihood in the (mean, inverse dispersion) parametrisation.
-
-    The same expression and ``eps`` as scvi-tools, so that the losses agree to rounding.
-    """
-    log_theta_mu_eps = torch.log(theta + mu + eps)
-    return (
-        theta * (torch.log(theta + eps) - log_theta_mu_eps)
-        + x * (torch.log(mu + eps) - log_theta_mu_eps)
-        + torch.lgamma(x + theta)
-        - torch.lgamma(theta)
-        - torch.lgamma(x + 1)
-    )
-
-
-def log_nb_positive_sum(
-    row_e: torch.Tensor, col_e: torch.Tensor, x_e: torch.Tensor, mu_ng: torch.Tensor, theta: torch.Tensor,
-    eps: float = 1e-8,
-) -> torch.Tensor:
-    """Per-cell sum over genes of :func:`log_nb_positive`, given the counts as their non-zero entries.
-
-    The same expression, split by where it is non-zero: for ``x = 0`` only
-    ``theta * (log(theta + eps) - log(theta + mu + eps))`` remains (the lgamma terms cancel), so
-    that part is dense and everything with ``x`` (lgammas and logs) runs on the stored entries
-    only. ``theta`` is per gene (shape ``(g,)``) or per cell and gene (``(n, g)``).
-    """
-    n_cells, n_genes = mu_ng.shape
-    flat_e = row_e * n_genes + col_e
-    mu_e = mu_ng.reshape(-1).index_select(0, flat_e)
-    if theta.dim() == 1:
-        theta_eps_g = theta + eps
-        # sum_g theta_g log(theta_g + eps) is the same for every cell.
-        dense_n = (theta * torch.log(theta_eps_g)).sum() - torch.log(mu_ng + theta_eps_g) @ theta
-        theta_e = theta.index_select(0, col_e)
-        # Per entry, not lgamma(theta) per gene gathered: the gradient then differences digamma(x + theta)
-        # and digamma(theta) entry by entry, as the dense expression does, instead of two large sums.
-        lgamma_theta_e = torch.lgamma(theta_e)
-        log_theta_mu_eps_e = torch.log(mu_e + theta_eps_g.index_select(0, col_e))
-    else:
-        log_theta_mu_eps_ng = torch.log(theta + mu_ng + eps)
-        dense_n = (theta * (torch.log(theta + eps) - log_theta_mu_eps_ng)).sum(-1)
-        theta_e = theta.reshape(-1).index_select(0, flat_e)
-        lgamma_theta_e = torch.lgamma(theta_e)
-        log_theta_mu_eps_e = log_theta_mu_eps_ng.reshape(-1).index_select(0, flat_e)
-    sparse_e = (
-        x_e * (torch.log(mu_e + eps) - log_theta_mu_eps_e)
-        + torch.lgamma(x_e + theta_e)
-        - lgamma_theta_e
-        - torch.lgamma(x_e + 1)
-    )
-    return dense_n + torch.zeros(n_cells, dtype=sparse_e.dtype, device=sparse_e.device).index_add(0, row_e, sparse_e)
-
-
-def log_poisson_sum(
-    row_e: torch.Tensor, col_e: torch.Tensor, x_e: torch.Tensor, rate_ng: torch.Tensor
-) -> torch.Tensor:
-    """Per-cell sum over genes of ``Poisson(rate).log_prob(x)``, given the counts' non-zero entries."""
-    n_cells, n_genes = rate_ng.shape
-    rate_e = rate_ng.reshape(-1).index_select(0, row_e * n_genes + col_e)
-    sparse_e = x_e * torch.log(rate_e) - torch.lgamma(x_e + 1)
-    return -rate_ng.sum(-1) + torch.zeros(n_cells, dtype=sparse_e.dtype, device=sparse_e.device).index_add(
-        0, row_e, sparse_e
-    )
-
-
-class NegativeBinomial(Distribution):
-    """Negative binomial with mean ``mu`` and inverse dispersion ``theta`` (scvi-tools' parametrisation)."""
-
-    arg_constraints = {"mu": constraints.greater_than_eq(0), "theta": constraints.greater_than_eq(0)}
-    support = constraints.nonnegative_integer
-
-    def __init__(self, mu: torch.Tensor, theta: torch.Tensor, eps: float = 1e-8, validate_args: bool = False) -> None:
-        self._theta_given = theta  # before broadcasting: per gene when the dispersion is
-        self.mu, self.theta = broadcast_all(mu, theta)
-        self.eps = eps
-        super().__init__(batch_shape=self.mu.shape, validate_args=validate_args)
-
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.mu
-
-    @property
-    def variance(self) -> torch.Tensor:
-        return self.mu + self.mu**2 / self.theta
-
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
-        with torch.no_grad():
-            rate = Gamma(self.theta, self.theta / (self.mu + self.eps)).sample(sample_shape)
-            return torch.poisson(rate)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return log_nb_positive(value, self.mu, self.theta, self.eps)
-
-    def log_prob_sum(self, row_e: torch.Tensor, col_e: torch.Tensor, value_e: torch.Tensor) -> torch.Tensor:
-        """``log_prob(x).sum(-1)`` for a 2-d batch ``x`` given by its non-zero entries (see :func:`log_nb_positive_sum`)."""
-        theta = self._theta_given
-        if not (theta.dim() == 1 and theta.shape[0] == self.mu.shape[-1]):
-            theta = self.theta
-        return log_nb_positive_sum(row_e, col_e, value_e, self.mu, theta, self.eps)
-
-
-class SplineFlowPrior(nn.Module):
-    """An unconditional neural spline flow prior p(z) on the latent space, from Pyro's transforms.
-
-    ``z = f(u)``, ``u ~ N(0, I)``, with ``f`` an elementwise rational-quadratic spline followed by
-    ``FLOW_N_COUPLINGS`` spline coupling layers (Durkan et al. 2019) whose conditioner networks
-    have ``hidden_features`` hidden units; the coordinates are reversed between couplings so every
-    dimension is transformed conditionally on the others. Splines act on ``[-FLOW_BOUND, FLOW_BOUND]``
-    and are the identity outside, so far-out latents keep a Gaussian tail.
-    """
-
-    def __init__(self, n_latent: int, hidden_features: Sequence[int]) -> None:
-        super().__init__()
-        from pyro.distributions.transforms import Spline, spline_coupling
-
-        self.n_latent = n_latent
-        self.elementwise = Spline(n_latent, count_bins=FLOW_COUNT_BINS, bound=FLOW_BOUND)
-        self.couplings = nn.ModuleList(
-            spline_coupling(n_latent, hidden_dims=list(hidden_features), count_bins=FLOW_COUNT_BINS, bound=FLOW_BOUND)
-            for _ in range(FLOW_N_COUPLINGS if n_latent >= 2 else 0)
-        )
-        self.reverse_k: torch.Tensor
-        self.register_buffer("reverse_k", torch.arange(n_latent - 1, -1, -1), persistent=False)
-
-    def reset_parameters(self) -> None:
-        # Pyro's own initialisation of the spline knots.
-        for name in ("unnormalized_widths", "unnormalized_heights", "unnormalized_derivatives"):
-            nn.init.normal_(getattr(self.elementwise, name))
-        for module in self.couplings.modules():
-            if isinstance(module, nn.Linear):
-                module.reset_parameters()
-
-    def distribution(self) -> Distribution:
-        import pyro.distributions as pdist
-        from pyro.distributions.transforms import Permute
-
-        loc_k = torch.zeros(self.n_latent, device=self.reverse_k.device)
-        base = pdist.Normal(loc_k, torch.ones_like(loc_k)).to_event(1)
-        transforms: list[Any] = [self.elementwise]
-        for coupling in self.couplings:
-            transforms += [coupling, Permute(self.reverse_k)]
-        return pdist.TransformedDistribution(base, transforms)
-
-    def log_prob(self, z_nk: torch.Tensor) -> torch.Tensor:
-        return self.distribution().log_prob(z_nk)
-
-
-class EncoderSCVI(nn.Module):
-    """q(z | x): hidden stack, then two copies of the final layer for the mean and the log-variance."""
-
-    def __init__(
-        self,
-        in_features: int,
-        n_latent: int,
-        spec: Mapping[str, Any],
-        *,
-        n_batch_features: int,
-        n_categorical_features: int,
-        use_batch_norm: bool,
-        use_layer_norm: bool,
-        dropout_rate: float,
-    ) -> None:
-        super().__init__()
-        self.hidden = HiddenStack(
-            in_features, spec["hidden_layers"], n_batch_features=n_batch_features,
-            n_categorical_features=n_categorical_features, use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm, dropout_rate=dropout_rate, where="encoder",
-        )
-        build = dict(out_features=n_latent, n_batch_features=n_batch_features,
-                     n_categorical_features=n_categorical_features, where="encoder.final_layer")
-        self.mean_layer = build_layer(spec["final_layer"], self.hidden.out_features, **build)  # type: ignore[arg-type]
-        self.var_layer = build_layer(spec["final_layer"], self.hidden.out_features, **build)  # type: ignore[arg-type]
-
-    def forward(
-        self, x_ng: torch.Tensor, batch_nb: torch.Tensor | None, categorical_np: torch.Tensor | None
-    ) -> Normal:
-        q_nh = self.hidden(x_ng, batch_nb, categorical_np)
-        mean_nk = apply_layer(self.mean_layer, q_nh, batch_nb, categorical_np)
-        var_nk = torch.exp(apply_layer(self.var_layer, q_nh, batch_nb, categorical_np)) + VAR_EPS
-        return Normal(mean_nk, var_nk.sqrt())
-
-
-class DecoderSCVI(nn.Module):
-    """p(x | z): hidden stack, normalized expression head, optional per-cell dispersion and additive bias."""
-
-    def __init__(
-        self,
-        in_features: int,
-        n_genes: int,
-        spec: Mapping[str, Any],
-        *,
-        n_batch_features: int,
-        n_categorical_features: int,
-        use_batch_norm: bool,
-        use_layer_norm: bool,
-        scale_activation: Literal["softmax", "softplus"],
-        cell_dispersion: bool,
-    ) -> None:
-        super().__init__()
-        self.hidden = HiddenStack(
-            in_features, spec["hidden_layers"], n_batch_features=n_batch_features,
-            n_categorical_features=n_categorical_features, use_batch_norm=use_batch_norm,
-            use_layer_norm=use_layer_norm, dropout_rate=0.0, where="decoder",
-        )
-        width = self.hidden.out_features
-        self.scale_layer = build_layer(
-            spec["final_layer"], width, out_features=n_genes, n_batch_features=n_batch_features,
-            n_categorical_features=n_categorical_features, where="decoder.final_layer",
-        )
-        self.scale_activation = nn.Softmax(dim=-1) if scale_activation == "softmax" else nn.Softplus()
-        # scvi-tools' px_r_decoder: a plain linear head, as for 'gene-cell' there.
-        self.dispersion_layer = nn.Linear(width, n_genes) if cell_dispersion else None
-        self.additive_bias_layer: nn.Linear | None = None
-        self.n_batch_features = n_batch_features
-        self.n_categorical_features = n_categorical_features
-        if bool(spec.get("final_additive_bias", False)):
-            # Without covariates it reads one zero column: a per-gene bias, and no zero-size weight for DDP.
-            self.additive_bias_layer = nn.Linear(max(n_batch_features + n_categorical_features, 1), n_genes)
-
-    def reset_additive_bias(self) -> None:
-        if self.additive_bias_layer is not None:
-            nn.init.zeros_(self.additive_bias_layer.weight)
-            nn.init.constant_(self.additive_bias_layer.bias, ADDITIVE_BIAS_INIT)
-
-    def forward(
-        self,
-        decoder_input_nk: torch.Tensor,
-        library_size_n1: torch.Tensor,
-        batch_nb: torch.Tensor | None,
-        categorical_np: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(normalized expression, mean counts, log inverse dispersion per cell or None)."""
-        q_nh = self.hidden(decoder_input_nk, batch_nb, categorical_np)
-        scale_ng = self.scale_activation(apply_layer(self.scale_layer, q_nh, batch_nb, categorical_np))
-        rate_ng = torch.exp(library_size_n1) * scale_ng
-        if self.additive_bias_layer is not None:
-            covariates = [t for t in (batch_nb, categorical_np) if t is not None and t.shape[-1] > 0]
-            n_cells = decoder_input_nk.shape[0]
-            covariates_nc = torch.cat(covariates, dim=-1) if covariates else decoder_input_nk.new_zeros(n_cells, 1)
-            # Background counts per batch (and covariate), independent of the cell's state and depth.
-            rate_ng = rate_ng + nn.functional.softplus(self.additive_bias_layer(covariates_nc.to(rate_ng.dtype)))
-        log_theta_ng = self.dispersion_layer(q_nh) if self.dispersion_layer is not None else None
-        return scale_ng, rate_ng, log_theta_ng
-
-
-def _side(option: str, side: Literal["encoder", "decoder"], name: str) -> bool:
-    if option not in ("encoder", "decoder", "none", "both"):
-        raise ValueError(f"{name} must be 'encoder', 'decoder', 'none' or 'both', got {option!r}")
-    return option in (side, "both")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Validation metrics: a reservoir-sampled logistic regression on the latent means, and the ontology Spearman
-
-#: the validation classifier: multinomial logistic regression on standardised latent means, fitted by L-BFGS.
-CLASSIFIER_MAX_ITER = 200
-CLASSIFIER_L2 = 1e-3
-
-
-class Reservoir:
-    """A uniform sample of at most ``size`` rows of a stream (Vitter's algorithm R, vectorised per batch).
-
-    After ``seen`` rows, every row seen so far is in the sample with probability ``size / seen``.
-    Rows of one batch that draw the same slot resolve as the sequential algorithm would: the later wins.
-    """
-
-    def __init__(self, size: int, n_features: int, generator: torch.Generator) -> None:
-        self.size = int(size)
-        self.z_rk = torch.zeros(self.size, n_features)
-        self.y_r = torch.zeros(self.size, dtype=torch.long)
-        self.seen = 0
-        self.generator = generator
-
-    @property
-    def fill(self) -> int:
-        return min(self.seen, self.size)
-
-    def add(self, z_nk: torch.Tensor, y_n: torch.Tensor) -> None:
-        n = z_nk.shape[0]
-        if n == 0:
-            return
-        z_nk, y_n = z_nk.detach().float().cpu(), y_n.detach().long().cpu()
-        t_n = torch.arange(self.seen, self.seen + n)  # each row's 0-based position in the stream
-        slot_n = t_n.clone()
-        late_n = t_n >= self.size
-        if bool(late_n.any()):
-            # Row t replaces a uniform slot of [0, t] when that slot is inside the reservoir.
-            u_n = torch.rand(int(late_n.sum()), generator=self.generator, dtype=torch.float64)
-            slot_n[late_n] = torch.floor(u_n * (t_n[late_n] + 1).double()).long()
-        kept = torch.nonzero(slot_n < self.size).flatten()
-        if kept.numel():
-            # The last row per slot wins, as in the sequential algorithm.
-            slots = slot_n[kept].numpy()
-            _, last_from_end = np.unique(slots[::-1], return_index=True)
-            rows = torch.from_numpy(kept.numpy()[::-1][last_from_end].copy())
-            self.z_rk[slot_n[rows]] = z_nk[rows]
-            self.y_r[slot_n[rows]] = y_n[rows]
-        self.seen += n
-
-    def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.z_rk[: self.fill], self.y_r[: self.fill]
-
-
-class _ValidationState:
-    """What one validation epoch accumulates: the two reservoirs and per-type latent sums."""
-
-    def __init__(self, n_types: int, n_latent: int, reservoir_size: int, seed: int) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.train = Reservoir(reservoir_size, n_latent, generator)
-        self.test = Reservoir(reservoir_size, n_latent, generator)
-        self.z_sum_ck = torch.zeros(n_types, n_latent, dtype=torch.float64)
-        self.count_c = torch.zeros(n_types, dtype=torch.float64)
-
-
-def fit_logistic_regression(
-    z_nk: torch.Tensor, y_n: torch.Tensor, n_classes: int, max_iter: int = CLASSIFIER_MAX_ITER,
-    l2: float = CLASSIFIER_L2,
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Multinomial logistic regression, returning a function from latents to class probabilities.
-
-    Features are standardised with the training rows' mean and standard deviation; the weights
-    (not the biases) get an L2 penalty ``l2 * ||W||^2 / 2``; L-BFGS with a strong-Wolfe line search
-    minimises the mean cross-entropy. Deterministic (zero start). Classes absent from ``y_n`` get
-    probability ~0.
-    """
-    with torch.inference_mode(False), torch.enable_grad():
-        z_nk = z_nk.detach().double().clone()
-        y_n = y_n.detach().long().clone()
-        mean_k = z_nk.mean(0)
-        std_k = z_nk.std(0, unbiased=False).clamp_min(1e-6)
-        x_nk = (z_nk - mean_k) / std_k
-        weight_kc = torch.zeros(x_nk.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-        bias_c = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-        absent_c = torch.bincount(y_n, minlength=n_classes) == 0
-        optimizer = torch.optim.LBFGS([weight_kc, bias_c], max_iter=max_iter, line_search_fn="strong_wolfe",
-                                      tolerance_grad=1e-7, tolerance_change=1e-10)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            logits_nc = (x_nk @ weight_kc + bias_c).masked_fill(absent_c, -1e4)
-            loss = nn.functional.cross_entropy(logits_nc, y_n) + 0.5 * l2 * weight_kc.pow(2).sum()
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-    weight_kc, bias_c = weight_kc.detach(), bias_c.detach()
-
-    def predict_proba(z_mk: torch.Tensor) -> torch.Tensor:
-        logits_mc = ((z_mk.double() - mean_k) / std_k) @ weight_kc + bias_c
-        return torch.softmax(logits_mc.masked_fill(absent_c, -1e4), dim=-1)
-
-    return predict_proba
-
-
-def _average_ranks(values_m: torch.Tensor) -> torch.Tensor:
-    """Ranks 0..m-1, ties sharing their average rank (as scipy.stats.rankdata - 1)."""
-    order = torch.argsort(values_m, stable=True)
-    sorted_m = values_m[order]
-    ranks_m = torch.empty_like(values_m, dtype=torch.float64)
-    m = values_m.numel()
-    start = 0
-    while start < m:
-        end = start + 1
-        while end < m and sorted_m[end] == sorted_m[start]:
-            end += 1
-        ranks_m[order[start:end]] = (start + end - 1) / 2.0
-        start = end
-    return ranks_m
-
-
-def spearman_correlation(a_m: torch.Tensor, b_m: torch.Tensor) -> float:
-    """Spearman's rho (Pearson correlation of average ranks); NaN when either side is constant."""
-    ra_m, rb_m = _average_ranks(a_m.double()), _average_ranks(b_m.double())
-    ra_m, rb_m = ra_m - ra_m.mean(), rb_m - rb_m.mean()
-    denominator = float(ra_m.norm() * rb_m.norm())
-    return float((ra_m * rb_m).sum()) / denominator if denominator > 0 else math.nan
-
-
-def ontology_spearman(z_sum_ck: torch.Tensor, count_c: torch.Tensor, distance_cc: torch.Tensor) -> float:
-    """Frequency-weighted Spearman correlation between latent and ontology distances of the cell types.
-
-    Each cell type present (``count_c > 0``) has a latent centroid. For each such type ``c``, rho_c is
-    Spearman's correlation, over the other present types ``d`` with a finite ontology distance, between
-    the centroid distance ``|mu_c - mu_d|`` and the ontology distance ``D[c, d]``: 1 when the latent
-    space orders the other types as the ontology does, as seen from ``c``. The result is the mean of
-    rho_c weighted by ``count_c``, over the types where rho_c is defined (at least two others, neither
-    side constant); NaN when none is.
-    """
-    present = torch.nonzero(count_c > 0).flatten()
-    if present.numel() < 3:
-        return math.nan
-    centroid_pk = (z_sum_ck[present] / count_c[present, None]).double()
-    latent_pp = torch.cdist(centroid_pk, centroid_pk)
-    ontology_pp = distance_cc[present][:, present].double().cpu()
-    total, weight = 0.0, 0.0
-    for i in range(present.numel()):
-        others = torch.ones(present.numel(), dtype=torch.bool)
-        others[i] = False
-        others &= torch.isfinite(ontology_pp[i])
-        if int(others.sum()) < 2:
-            continue
-        rho = spearman_correlation(latent_pp[i, others], ontology_pp[i, others])
-        if math.isnan(rho):
-            continue
-        w = float(count_c[present[i]])
-        total += w * rho
-        weight += w
-    return total / weight if weight > 0 else math.nan
-
-
-def _collective_device() -> torch.device:
-    """Where tensors must live for the process group's collectives (CUDA for nccl)."""
-    import torch.distributed as dist
-
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _gather_rows(z_rk: torch.Tensor, y_r: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's reservoir rows, concatenated in rank order (padded to ``size`` for the collective)."""
-    import torch.distributed as dist
-
-    world_size = dist.get_world_size()
-    device = _collective_device()
-    fill = torch.tensor([z_rk.shape[0]], device=device)
-    padded_z = torch.zeros(size, z_rk.shape[1], device=device)
-    padded_z[: z_rk.shape[0]] = z_rk.to(device)
-    padded_y = torch.zeros(size, dtype=torch.long, device=device)
-    padded_y[: y_r.shape[0]] = y_r.to(device)
-    fills = [torch.zeros_like(fill) for _ in range(world_size)]
-    zs = [torch.zeros_like(padded_z) for _ in range(world_size)]
-    ys = [torch.zeros_like(padded_y) for _ in range(world_size)]
-    dist.all_gather(fills, fill)
-    dist.all_gather(zs, padded_z)
-    dist.all_gather(ys, padded_y)
-    n = [int(f) for f in fills]
-    return (torch.cat([z[:m] for z, m in zip(zs, n)]).cpu(), torch.cat([y[:m] for y, m in zip(ys, n)]).cpu())
-
-
-def _ordered_distance_matrix(matrix: pd.DataFrame, categories: Sequence[str]) -> torch.Tensor:
-    """``matrix`` restricted and reordered to ``categories`` on both axes, as a float64 tensor."""
-    import pandas as pd
-
-    if not isinstance(matrix, pd.DataFrame):
-        raise TypeError("ontology_distance_matrix must be a pandas DataFrame indexed by cell type ids on both axes")
-    missing = [c for c in categories if c not in matrix.index or c not in matrix.columns]
-    if missing:
-        raise ValueError(f"ontology_distance_matrix has no row or column for {missing[:5]}")
-    values = matrix.loc[list(categories), list(categories)].to_numpy(dtype=np.float64)
-    return torch.from_numpy(values.copy())
 
 
 class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin):
@@ -654,62 +177,17 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         val_cell_type_classifier_reservoir_size: int = 50000,
     ) -> None:
         super().__init__()
-        if ontology_distance_matrix is not None and cell_type_categories is None:
-            raise ValueError("ontology_distance_matrix needs cell_type_categories (the order of its rows)")
-        if int(val_cell_type_classifier_reservoir_size) < 1:
-            raise ValueError(
-                f"val_cell_type_classifier_reservoir_size must be positive, got {val_cell_type_classifier_reservoir_size}"
-            )
-        if gene_likelihood == "zinb":
-            raise NotImplementedError("gene_likelihood='zinb' is not implemented; use 'nb' or 'poisson'")
-        if gene_likelihood not in ("nb", "poisson"):
-            raise ValueError(f"gene_likelihood must be 'nb' or 'poisson', got {gene_likelihood!r}")
-        if latent_distribution == "ln":
-            raise NotImplementedError("latent_distribution='ln' (logistic normal) is not implemented; use 'normal'")
-        if latent_distribution != "normal":
-            raise ValueError(f"latent_distribution must be 'normal', got {latent_distribution!r}")
-        if dispersion == "gene-label":
-            raise NotImplementedError(
-                "dispersion='gene-label' is not implemented: forward() takes no per-cell labels; "
-                "use 'gene', 'gene-batch' or 'gene-cell'"
-            )
-        if dispersion not in ("gene", "gene-batch", "gene-cell"):
-            raise ValueError(f"dispersion must be 'gene', 'gene-batch' or 'gene-cell', got {dispersion!r}")
-        if n_batch < 0 or n_latent < 1 or n_continuous_cov < 0:
-            raise ValueError(
-                "need n_batch >= 0, n_latent >= 1, n_continuous_cov >= 0; "
-                f"got {n_batch}, {n_latent}, {n_continuous_cov}"
-            )
-        n_cats_per_cov = [int(n) for n in (n_cats_per_cov or [])]
-        if any(n < 1 for n in n_cats_per_cov):
-            raise ValueError(f"n_cats_per_cov must be positive, got {n_cats_per_cov}")
-        if not 0.0 <= dropout_rate < 1.0 or not 0.0 <= input_gene_dropout_rate < 1.0:
-            raise ValueError("dropout_rate and input_gene_dropout_rate must be in [0, 1)")
-        if not 0.0 <= kl_annealing_start <= 1.0:
-            raise ValueError(
-                f"kl_annealing_start is a fraction of the maximum KL weight, in [0, 1]; got {kl_annealing_start}"
-            )
-        if z_kl_weight_max < 0 or batch_kl_weight_max < 0:
-            raise ValueError("z_kl_weight_max and batch_kl_weight_max must be non-negative")
-        if batch_representation_sampled and not batch_embedded:
-            raise ValueError("batch_representation_sampled=True needs batch_embedded=True")
-        if batch_kl_weight_max > 0 and not batch_representation_sampled:
-            raise ValueError(
-                "batch_kl_weight_max > 0 needs batch_representation_sampled=True (a KL needs a distribution)"
-            )
-        if not batch_embedded and n_latent_batch is not None and n_latent_batch != n_batch:
-            raise ValueError(
-                f"one-hot batches have n_batch={n_batch} features; n_latent_batch={n_latent_batch} "
-                "needs batch_embedded=True"
-            )
-        if batch_embedded and n_batch < 1:
-            raise ValueError("batch_embedded=True needs n_batch >= 1")
-        for name, value in (("kl_warmup_epochs", kl_warmup_epochs), ("kl_warmup_steps", kl_warmup_steps)):
-            if value is not None and value < 0:
-                raise ValueError(f"{name} must be non-negative or None, got {value}")
-
-        encoder_spec = check_architecture_dict(encoder, "encoder", {"input_continuous_covariates"})
-        decoder_spec = check_architecture_dict(decoder, "decoder", {"final_additive_bias"})
+        encoder_spec, decoder_spec, n_cats_per_cov = check_arguments(
+            encoder=encoder, decoder=decoder, n_batch=n_batch, n_latent=n_latent, n_continuous_cov=n_continuous_cov,
+            n_cats_per_cov=n_cats_per_cov, dropout_rate=dropout_rate, dispersion=dispersion,
+            gene_likelihood=gene_likelihood, latent_distribution=latent_distribution, batch_embedded=batch_embedded,
+            batch_representation_sampled=batch_representation_sampled, n_latent_batch=n_latent_batch,
+            z_kl_weight_max=z_kl_weight_max, batch_kl_weight_max=batch_kl_weight_max,
+            input_gene_dropout_rate=input_gene_dropout_rate, kl_warmup_epochs=kl_warmup_epochs,
+            kl_warmup_steps=kl_warmup_steps, kl_annealing_start=kl_annealing_start,
+            cell_type_categories=cell_type_categories, ontology_distance_matrix=ontology_distance_matrix,
+            val_cell_type_classifier_reservoir_size=val_cell_type_classifier_reservoir_size,
+        )
 
         self.var_names_g = np.asarray(var_names_g)
         self.n_genes = len(self.var_names_g)
@@ -740,18 +218,7 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         self.use_flow = use_flow
         self.encode_continuous_covariates = bool(encoder_spec.get("input_continuous_covariates", False))
 
-        if reconstruction_var_names_g is None:
-            self.reconstruction_gene_inds = np.arange(self.n_genes)
-        else:
-            position = {name: i for i, name in enumerate(self.var_names_g)}
-            missing = [name for name in reconstruction_var_names_g if name not in position]
-            if missing:
-                raise ValueError(
-                    f"reconstruction_var_names_g: {len(missing)} genes are not in var_names_g, e.g. {missing[:5]}"
-                )
-            self.reconstruction_gene_inds = np.array(
-                [position[name] for name in reconstruction_var_names_g], dtype=np.int64
-            )
+        self.reconstruction_gene_inds = reconstruction_gene_inds(self.var_names_g, reconstruction_var_names_g)
 
         # scvi-tools drops covariates with a single category: they carry no information.
         if batch_embedded:
@@ -779,8 +246,8 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             encoder_spec,
             n_batch_features=self.n_batch_features,
             n_categorical_features=self.n_categorical_features,
-            use_batch_norm=_side(use_batch_norm, "encoder", "use_batch_norm"),
-            use_layer_norm=_side(use_layer_norm, "encoder", "use_layer_norm"),
+            use_batch_norm=on_side(use_batch_norm, "encoder", "use_batch_norm"),
+            use_layer_norm=on_side(use_layer_norm, "encoder", "use_layer_norm"),
             dropout_rate=dropout_rate,
         )
         self.decoder = DecoderSCVI(
@@ -789,8 +256,8 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             decoder_spec,
             n_batch_features=self.n_batch_features,
             n_categorical_features=self.n_categorical_features,
-            use_batch_norm=_side(use_batch_norm, "decoder", "use_batch_norm"),
-            use_layer_norm=_side(use_layer_norm, "decoder", "use_layer_norm"),
+            use_batch_norm=on_side(use_batch_norm, "decoder", "use_batch_norm"),
+            use_layer_norm=on_side(use_layer_norm, "decoder", "use_layer_norm"),
             scale_activation="softplus" if use_size_factor_key else "softmax",
             cell_dispersion=gene_likelihood == "nb" and dispersion == "gene-cell",
         )
@@ -844,10 +311,10 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         self.register_buffer(
             "ontology_distance_cc",
             None if ontology_distance_matrix is None
-            else _ordered_distance_matrix(ontology_distance_matrix, self.cell_type_categories),
+            else ordered_distance_matrix(ontology_distance_matrix, self.cell_type_categories),
             persistent=False,
         )
-        self._val_state: _ValidationState | None = None
+        self._val_state: ValidationState | None = None
         self._var_names_checked: Any = None
         # The warm-up position, synchronised from the trainer by the hooks below.
         self.current_epoch = 0
@@ -909,68 +376,6 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         return self.batch_kl_weight_max * self.kl_annealing_fraction()
 
     # ------------------------------------------------------------------ covariates
-
-    def _check_batch_index(
-        self, batch_index_n: torch.Tensor | None, n_cells: int, device: torch.device
-    ) -> torch.Tensor:
-        n_allowed = max(self.n_batch, 1)
-        if batch_index_n is None:
-            if n_allowed > 1:
-                raise ValueError(f"batch_index_n is required: the model has n_batch={self.n_batch}")
-            return torch.zeros(n_cells, dtype=torch.long, device=device)
-        batch_index_n = torch.as_tensor(batch_index_n, device=device).reshape(-1).long()
-        if batch_index_n.shape[0] != n_cells:
-            raise ValueError(f"batch_index_n has {batch_index_n.shape[0]} entries for {n_cells} cells")
-        bad_n = (batch_index_n < 0) | (batch_index_n >= n_allowed)
-        if n_cells and bool(bad_n.any()):
-            i = int(torch.nonzero(bad_n)[0, 0])
-            raise ValueError(
-                f"batch index {int(batch_index_n[i])} (cell {i} of the minibatch) is outside [0, {n_allowed}): "
-                f"the model was built with n_batch={self.n_batch}"
-            )
-        return batch_index_n
-
-    def _check_categorical_index(
-        self, categorical_covariate_index_nd: torch.Tensor | None, n_cells: int, device: torch.device
-    ) -> torch.Tensor | None:
-        if not self.n_cats_per_cov:
-            return None
-        if categorical_covariate_index_nd is None:
-            raise ValueError(
-                f"categorical_covariate_index_nd is required: the model has n_cats_per_cov={self.n_cats_per_cov}"
-            )
-        index_nd = torch.as_tensor(categorical_covariate_index_nd, device=device).long()
-        if index_nd.dim() == 1:
-            index_nd = index_nd[:, None]
-        if tuple(index_nd.shape) != (n_cells, len(self.n_cats_per_cov)):
-            raise ValueError(
-                f"categorical_covariate_index_nd has shape {tuple(index_nd.shape)}, "
-                f"expected ({n_cells}, {len(self.n_cats_per_cov)})"
-            )
-        for d, n_cats in enumerate(self.n_cats_per_cov):
-            bad_n = (index_nd[:, d] < 0) | (index_nd[:, d] >= n_cats)
-            if n_cells and bool(bad_n.any()):
-                i = int(torch.nonzero(bad_n)[0, 0])
-                raise ValueError(
-                    f"categorical covariate {d}: index {int(index_nd[i, d])} (cell {i}) is outside [0, {n_cats})"
-                )
-        return index_nd
-
-    def _check_continuous(
-        self, continuous_covariates_nc: torch.Tensor | None, n_cells: int, device: torch.device
-    ) -> torch.Tensor | None:
-        if self.n_continuous_cov == 0:
-            return None
-        if continuous_covariates_nc is None:
-            raise ValueError(
-                f"continuous_covariates_nc is required: the model has n_continuous_cov={self.n_continuous_cov}"
-            )
-        if tuple(continuous_covariates_nc.shape) != (n_cells, self.n_continuous_cov):
-            raise ValueError(
-                f"continuous_covariates_nc has shape {tuple(continuous_covariates_nc.shape)}, "
-                f"expected ({n_cells}, {self.n_continuous_cov})"
-            )
-        return torch.as_tensor(continuous_covariates_nc, device=device).float()
 
     def batch_embedding_distribution(self, batch_index_n: torch.Tensor) -> Normal:
         """The Gaussian of each cell's batch embedding (``batch_representation_sampled`` only)."""
@@ -1105,9 +510,11 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
             self._var_names_checked = var_names_g
         x_ng = densify(x_ng).float()
         n_cells = x_ng.shape[0]
-        batch_index_n = self._check_batch_index(batch_index_n, n_cells, x_ng.device)
-        continuous_nc = self._check_continuous(continuous_covariates_nc, n_cells, x_ng.device)
-        categorical_index_nd = self._check_categorical_index(categorical_covariate_index_nd, n_cells, x_ng.device)
+        batch_index_n = check_batch_index(batch_index_n, self.n_batch, n_cells, x_ng.device)
+        continuous_nc = check_continuous(continuous_covariates_nc, self.n_continuous_cov, n_cells, x_ng.device)
+        categorical_index_nd = check_categorical_index(
+            categorical_covariate_index_nd, self.n_cats_per_cov, n_cells, x_ng.device
+        )
         return x_ng, batch_index_n, continuous_nc, categorical_index_nd
 
     def forward(
@@ -1204,7 +611,7 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         after gathering the ranks' reservoirs and sums) a logistic regression is fitted on the
         training reservoir and ``val_cell_type_classifier_accuracy`` is its accuracy on the test
         reservoir; with an ``ontology_distance_matrix``, ``val_ontology_spearman`` is
-        :func:`ontology_spearman` of the centroids.
+        :func:`~cellarium_steps.models._latent_metrics.ontology_spearman` of the centroids.
         """
         output = self(x_ng, var_names_g, batch_index_n, continuous_covariates_nc, categorical_covariate_index_nd,
                       total_mrna_umis_n)
@@ -1216,29 +623,15 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
                       batch_size=n_cells)
         if self.cell_type_categories is None or validation_cell_type_index_n is None:
             return
-        codes_n = torch.as_tensor(validation_cell_type_index_n).reshape(-1).long().cpu()
-        n_types = len(self.cell_type_categories)
-        bad_n = (codes_n < -1) | (codes_n >= n_types)
-        if bool(bad_n.any()):
-            i = int(torch.nonzero(bad_n)[0, 0])
-            raise ValueError(
-                f"validation_cell_type_index_n: {int(codes_n[i])} (cell {i} of the minibatch) is outside "
-                f"[-1, {n_types}) for {n_types} cell_type_categories"
-            )
         state = self._validation_state(trainer)
-        labelled_n = codes_n >= 0
-        z_mk = self._last_qz_loc_nk.detach().float().cpu()[labelled_n]
-        y_m = codes_n[labelled_n]
-        (state.train if batch_idx % 2 == 0 else state.test).add(z_mk, y_m)
-        state.z_sum_ck.index_add_(0, y_m, z_mk.double())
-        state.count_c.index_add_(0, y_m, torch.ones(y_m.shape[0], dtype=torch.float64))
+        state.add(self._last_qz_loc_nk, validation_cell_type_index_n, train=batch_idx % 2 == 0)
 
-    def _validation_state(self, trainer: pl.Trainer | None) -> _ValidationState:
+    def _validation_state(self, trainer: pl.Trainer | None) -> ValidationState:
         if self._val_state is None:
             assert self.cell_type_categories is not None
             epoch = int(getattr(trainer, "current_epoch", 0) or 0)
             rank = int(getattr(trainer, "global_rank", 0) or 0)
-            self._val_state = _ValidationState(
+            self._val_state = ValidationState(
                 len(self.cell_type_categories), self.n_latent, self.val_cell_type_classifier_reservoir_size,
                 seed=(epoch * 1009 + rank) * 7919 + 17,
             )
@@ -1261,7 +654,7 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
                 pl_module.log(name, value, sync_dist=True, on_epoch=True)
 
     def validation_cell_type_metrics(
-        self, state: _ValidationState | None, trainer: pl.Trainer | None = None
+        self, state: ValidationState | None, trainer: pl.Trainer | None = None
     ) -> dict[str, float]:
         """``val_cell_type_classifier_accuracy`` and ``val_ontology_spearman`` of an epoch's state (NaN if undefined).
 
@@ -1269,29 +662,11 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         fits the same classifier on the union of the reservoirs and gets the same numbers.
         """
         assert self.cell_type_categories is not None
-        n_types, k = len(self.cell_type_categories), self.n_latent
-        if state is None:  # no labelled validation cell here; the collectives below still need this rank
-            state = _ValidationState(n_types, k, self.val_cell_type_classifier_reservoir_size, seed=0)
-        train_z, train_y = state.train.rows()
-        test_z, test_y = state.test.rows()
-        z_sum_ck, count_c = state.z_sum_ck, state.count_c
+        if state is None:  # no labelled validation cell here; the collectives still need this rank
+            state = ValidationState(len(self.cell_type_categories), self.n_latent,
+                                    self.val_cell_type_classifier_reservoir_size, seed=0)
         world_size = int(getattr(trainer, "world_size", 1) or 1)
-        if world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            train_z, train_y = _gather_rows(train_z, train_y, state.train.size)
-            test_z, test_y = _gather_rows(test_z, test_y, state.test.size)
-            device = _collective_device()
-            z_sum_ck, count_c = z_sum_ck.to(device), count_c.to(device)
-            for t in (z_sum_ck, count_c):
-                torch.distributed.all_reduce(t)
-            z_sum_ck, count_c = z_sum_ck.cpu(), count_c.cpu()
-        metrics = {"val_cell_type_classifier_accuracy": math.nan, "val_ontology_spearman": math.nan}
-        if train_y.numel() and test_y.numel() and int(torch.unique(train_y).numel()) >= 2:
-            predict_proba = fit_logistic_regression(train_z, train_y, n_types)
-            accuracy = (predict_proba(test_z).argmax(-1) == test_y).double().mean()
-            metrics["val_cell_type_classifier_accuracy"] = float(accuracy)
-        if self.ontology_distance_cc is not None:
-            metrics["val_ontology_spearman"] = ontology_spearman(z_sum_ck, count_c, self.ontology_distance_cc)
-        return metrics
+        return cell_type_metrics(state, self.ontology_distance_cc, world_size)
 
     @torch.no_grad()
     def predict(
@@ -1356,121 +731,9 @@ class SingleCellVariationalInference(CellariumModel, PredictMixin, ValidateMixin
         x_ng, batch_index_n, continuous_nc, categorical_index_nd = self._prepare(
             x_ng, var_names_g, batch_index_n, continuous_covariates_nc, categorical_covariate_index_nd
         )
-        n_cells, device = x_ng.shape[0], x_ng.device
-        gene_index_p = torch.as_tensor(np.asarray(gene_inds, dtype=np.int64), device=device).reshape(-1)
-        if gene_index_p.numel() and (int(gene_index_p.min()) < 0 or int(gene_index_p.max()) >= self.n_genes):
-            raise ValueError(f"gene_inds must be in [0, {self.n_genes})")
-        if n_latent_samples < 1:
-            raise ValueError(f"n_latent_samples must be positive, got {n_latent_samples}")
-
-        n_allowed = max(self.n_batch, 1)
-        if transform_batch is None:
-            target_batches_n = [batch_index_n]
-        elif isinstance(transform_batch, str):
-            if transform_batch != "mean":
-                raise ValueError(f"transform_batch must be None, an integer or 'mean', got {transform_batch!r}")
-            n_targets = min(MEAN_TRANSFORM_MAX_BATCHES, n_allowed)
-            target_batches_n = [torch.full_like(batch_index_n, b) for b in range(n_targets)]
-        else:
-            if not 0 <= int(transform_batch) < n_allowed:
-                raise ValueError(f"transform_batch {transform_batch} is outside [0, {n_allowed})")
-            target_batches_n = [torch.full_like(batch_index_n, int(transform_batch))]
-
-        categorical_np = self.categorical_onehot_from_categorical_index(categorical_index_nd)
-        decoder_categorical_np = categorical_np
-        if transform_categorical_covariates is not None:
-            if len(transform_categorical_covariates) != len(self.n_cats_per_cov):
-                raise ValueError(
-                    f"transform_categorical_covariates needs one category per covariate ({len(self.n_cats_per_cov)}), "
-                    f"got {list(transform_categorical_covariates)}"
-                )
-            fixed_d = torch.as_tensor(list(transform_categorical_covariates), device=device, dtype=torch.long)
-            for d, (code, n_cats) in enumerate(zip(fixed_d.tolist(), self.n_cats_per_cov)):
-                if not 0 <= code < n_cats:
-                    raise ValueError(f"transform_categorical_covariates[{d}] = {code} is outside [0, {n_cats})")
-            decoder_categorical_np = self.categorical_onehot_from_categorical_index(fixed_d.expand(n_cells, -1))
-        elif transform_batch is not None and self.n_categorical_features and self._decoder_uses_categorical():
-            raise ValueError(
-                "transform_categorical_covariates is required with transform_batch when the decoder uses "
-                "categorical covariates: a cell's observed categories may never occur in the target batch"
-            )
-
-        own_batch_nb = self.batch_representation_from_batch_index(batch_index_n, use_mean_though_sampling=True)
-        inference_outputs = self.inference(x_ng, own_batch_nb, continuous_nc, categorical_np)
-        qz: Normal = inference_outputs["qz"]
-        targets = [
-            (b_n, self.batch_representation_from_batch_index(b_n, use_mean_though_sampling=True))
-            for b_n in target_batches_n
-        ]
-        library_n1 = torch.full((n_cells, 1), math.log(reconstructed_library_size), device=device)
-        n_samples = 1 if use_latent_mean else int(n_latent_samples)
-        chunk = max(1, min(n_samples, RECONSTRUCT_CHUNK_ELEMENTS // max(1, n_cells * self.n_genes * len(targets))))
-
-        def repeat(t: torch.Tensor | None, s: int) -> torch.Tensor | None:
-            return None if t is None else t.repeat(s, *([1] * (t.dim() - 1)))
-
-        total_np = torch.zeros(n_cells, gene_index_p.numel(), device=device)
-        log_weight_max_n1 = torch.full((n_cells, 1), -math.inf, device=device)
-        weight_sum_n1 = torch.zeros(n_cells, 1, device=device)
-        done = 0
-        while done < n_samples:
-            s = min(chunk, n_samples - done)
-            done += s
-            z_snk = qz.loc.unsqueeze(0) if use_latent_mean else qz.sample((s,))
-            z_mk = z_snk.reshape(s * n_cells, -1)  # m = s * n: every sample of every cell
-            mean_sp = torch.zeros(s * n_cells, gene_index_p.numel(), device=device)
-            for target_batch_index_n, target_batch_nb in targets:
-                px = self.generative(
-                    z_mk, repeat(library_n1, s), repeat(target_batch_nb, s), repeat(continuous_nc, s),
-                    repeat(decoder_categorical_np, s), batch_index_n=repeat(target_batch_index_n, s),
-                )["px"]
-                mean_sp += px.mean[:, gene_index_p]
-            mean_snp = (mean_sp / len(targets)).reshape(s, n_cells, -1)
-            if use_importance_sampling and not use_latent_mean:
-                log_weight_sn = self._log_importance_weights(
-                    x_ng, z_mk, qz, inference_outputs["library_size_n1"], own_batch_nb, continuous_nc,
-                    categorical_np, batch_index_n, s,
-                )
-                # Running, numerically stable weighted mean over sample chunks.
-                new_max_n1 = torch.maximum(log_weight_max_n1, log_weight_sn.max(0).values[:, None])
-                rescale_n1 = torch.exp(log_weight_max_n1 - new_max_n1)
-                weight_sn1 = torch.exp(log_weight_sn[:, :, None] - new_max_n1)
-                total_np = total_np * rescale_n1 + (weight_sn1 * mean_snp).sum(0)
-                weight_sum_n1 = weight_sum_n1 * rescale_n1 + weight_sn1.sum(0)
-                log_weight_max_n1 = new_max_n1
-            else:
-                total_np += mean_snp.sum(0)
-                weight_sum_n1 += s
-        return {"x_ng": total_np / weight_sum_n1}
-
-    def _decoder_uses_categorical(self) -> bool:
-        layers = [m for m in self.decoder.modules() if isinstance(m, LinearWithBatch)]
-        return any(layer.n_categorical_features for layer in layers) or self.decoder.additive_bias_layer is not None
-
-    def _log_importance_weights(
-        self,
-        x_ng: torch.Tensor,
-        z_mk: torch.Tensor,
-        qz: Normal,
-        library_size_n1: torch.Tensor,
-        batch_nb: torch.Tensor,
-        continuous_nc: torch.Tensor | None,
-        categorical_np: torch.Tensor | None,
-        batch_index_n: torch.Tensor,
-        s: int,
-    ) -> torch.Tensor:
-        """log p(x | z) + log p(z) - log q(z | x) for s samples of every cell, shape (s, n)."""
-        n_cells = x_ng.shape[0]
-
-        def repeat(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.repeat(s, *([1] * (t.dim() - 1)))
-
-        outputs = self.generative(z_mk, repeat(library_size_n1), repeat(batch_nb), repeat(continuous_nc),
-                                  repeat(categorical_np), batch_index_n=repeat(batch_index_n))
-        log_px_m = outputs["px"].log_prob(repeat(x_ng)).sum(-1)
-        log_pz_m = outputs["pz"].log_prob(z_mk)
-        if log_pz_m.dim() == 2:
-            log_pz_m = log_pz_m.sum(-1)
-        z_snk = z_mk.reshape(s, n_cells, -1)
-        log_qz_sn = qz.log_prob(z_snk).sum(-1)
-        return (log_px_m + log_pz_m).reshape(s, n_cells) - log_qz_sn
+        return reconstruct_counts(
+            self, x_ng, gene_inds, batch_index_n, continuous_nc, categorical_index_nd,
+            transform_batch=transform_batch, transform_categorical_covariates=transform_categorical_covariates,
+            use_latent_mean=use_latent_mean, n_latent_samples=n_latent_samples,
+            use_importance_sampling=use_importance_sampling, reconstructed_library_size=reconstructed_library_size,
+        )

@@ -26,26 +26,9 @@ from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.shards import ShardCollection
 from cellarium_steps.models.base import CellariumModel
 from cellarium_steps.runner._calls import apply_transforms, call_with_batch, reads_batch_key
+from cellarium_steps.runner.devices import device_count, resolve_accelerator
 
 logger = logging.getLogger("cellarium_steps")
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    if accelerator == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return accelerator
-
-
-def device_count(devices: int | str, accelerator: str) -> int:
-    """How many processes ``devices`` asks for (Lightning's reading of the value)."""
-    accelerator = resolve_accelerator(accelerator)
-    if isinstance(devices, int):
-        return devices if devices > 0 else (torch.cuda.device_count() if accelerator != "cpu" else 1)
-    if str(devices).isdigit():
-        return int(devices)
-    if accelerator in ("gpu", "cuda"):
-        return torch.cuda.device_count()
-    return 1
 
 
 @dataclass
@@ -71,6 +54,7 @@ def fit_statistics(
     seed: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     max_epochs: int = 1,
     progress_every_s: float = 30.0,
 ) -> Any:
@@ -79,7 +63,7 @@ def fit_statistics(
     The returned object answers ``global_rank`` (0 on the process that writes outputs) whether the
     passes ran here or under Lightning DDP.
     """
-    if device_count(devices, accelerator) > 1:
+    if device_count(devices, accelerator) * num_nodes > 1:
         from cellarium_steps.data.datamodule import ShardDataModule
         from cellarium_steps.runner.module import CellariumModule
         from cellarium_steps.runner.trainer import build_trainer
@@ -89,7 +73,8 @@ def fit_statistics(
             collection=collection,
         )
         trainer = build_trainer(
-            devices=devices, accelerator=accelerator, max_epochs=max_epochs, progress_every_s=progress_every_s
+            devices=devices, accelerator=accelerator, num_nodes=num_nodes, max_epochs=max_epochs,
+            progress_every_s=progress_every_s,
         )
         trainer.fit(CellariumModule(model, transforms=transforms), datamodule=datamodule)
         return trainer

@@ -20,6 +20,7 @@ from cellarium_steps.steps.common import configure_logging, parse_step_args, run
 # Snakemake job) to what that step needs.
 STEP_MODULES: dict[str, str] = {
     "simulate": "cellarium_steps.steps.simulate",
+    "convert": "cellarium_steps.steps.convert",
     "mean-var": "cellarium_steps.steps.mean_var",
     "tdigest": "cellarium_steps.steps.tdigest",
     "hvg": "cellarium_steps.steps.hvg",
@@ -31,7 +32,7 @@ STEP_MODULES: dict[str, str] = {
     "train-gpt": "cellarium_steps.steps.train_gpt",
     "predict": "cellarium_steps.steps.predict",
     "export": "cellarium_steps.steps.export",
-    "report": "cellarium_steps.steps.report_plots",
+    "report": "cellarium_steps.steps.report",
 }
 
 

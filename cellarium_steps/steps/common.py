@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
-import json
+import inspect
 import logging
 import os
 import platform
@@ -13,20 +14,15 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import yaml
 
 from cellarium_steps import __version__
-from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.errors import ConfigError, InputError
+from cellarium_steps.data.options import DataOptions
 
 logger = logging.getLogger("cellarium_steps")
 
 _PROVENANCE_PACKAGES = ("torch", "lightning", "pyro-ppl", "anndata", "numpy", "scipy", "pandas", "pyarrow", "crick")
-
-
-class ConfigError(InputError):
-    """A wrong key or value in --config or on the command line."""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 10_000) -> None:
@@ -34,13 +30,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
     group = parser.add_argument_group("common options")
     group.add_argument(
         "--input", nargs="+", metavar="H5AD",
-        help="the .h5ad shards: paths, or a quoted glob such as 'shards/*.h5ad' (required)",
+        help="the shards (.h5ad files or .zarr stores): paths, or a quoted glob such as 'shards/*.h5ad' (required)",
     )
     group.add_argument("--output", metavar="PATH", help="path of the step's main output file (required)")
     group.add_argument(
-        "--batch-key", metavar="COLUMN", default=None,
-        help="obs column with each cell's batch; statistics are kept per batch (default: no batches)",
+        "--batch-key", metavar="COLUMN[,COLUMN...]", default=None,
+        help="obs column with each cell's batch, or several (dataset_id,assay,donor_id): the batch is their "
+        "combination, named a|b|c; statistics are kept per batch (default: no batches)",
     )
+    add_data_arguments(group)
     group.add_argument(
         "--batch-size", type=int, default=batch_size, metavar="N",
         help=f"cells per batch read from the shards (default: {batch_size}); memory grows with it",
@@ -54,6 +52,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
         help="devices (processes) to run on; more than 1 runs Lightning DDP (default: 1)",
     )
     group.add_argument(
+        "--num-nodes", type=int, default=1, metavar="N",
+        help="machines the DDP run spans, each running --devices processes (default: 1); more than 1 needs a "
+        "launcher that starts every process, such as SLURM's srun --ntasks-per-node",
+    )
+    group.add_argument(
         "--accelerator", default="auto", choices=("auto", "cpu", "gpu"),
         help="where to compute: cpu, gpu, or auto (gpu if CUDA is available; default)",
     )
@@ -64,6 +67,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
         "options given on the command line win",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """Where the counts are, which names are the genes, how shards' genes join, which cells: DataOptions."""
+    group.add_argument(
+        "--counts", metavar="auto|X|raw|layers/NAME", default=None,
+        help="the matrix of raw integer counts: X, raw (raw/X, genes from raw/var), layers/NAME, or auto (X when "
+        "it holds integer counts, else raw/X; default, or for predict the matrix the model was trained on)",
+    )
+    group.add_argument(
+        "--var-names", metavar="index|COLUMN", default=None,
+        help="what names the genes: the var index (default) or a var column such as feature_name or gene_ids",
+    )
+    group.add_argument(
+        "--gene-join", choices=("same", "inner", "outer"), default=None,
+        help="shards' genes, aligned by name: the same set in any order (default), the genes all shards have "
+        "(inner), or all genes, zero where a shard lacks one and left out of its per-gene statistics (outer)",
+    )
+    group.add_argument(
+        "--obs-filter", metavar="EXPR", default=None,
+        help="read only the cells this pandas query over obs keeps; n_genes is each cell's detected genes, "
+        "e.g. 'is_primary_data == True and n_genes >= 300' (default: every cell)",
+    )
 
 
 def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], required: Sequence[str] = ("input", "output")) -> argparse.Namespace:
@@ -85,6 +111,8 @@ def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], requir
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "num_workers", 0) < 0:
         parser.error("--num-workers must be 0 or more")
+    if getattr(args, "num_nodes", 1) < 1:
+        parser.error("--num-nodes must be at least 1")
     return args
 
 
@@ -127,46 +155,26 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return values
 
 
-def read_gene_list(path: str) -> list[str]:
-    """Genes from an HVG table (its highly variable rows) or from a text file, in the file's order."""
-    if not os.path.isfile(path):
-        raise InputError(f"--genes: {path}: no such file")
-    if path.lower().endswith((".csv", ".csv.gz", ".tsv", ".parquet")):
-        try:
-            if path.lower().endswith(".parquet"):
-                table = pd.read_parquet(path)
-            else:
-                table = pd.read_csv(path, sep="\t" if path.lower().endswith(".tsv") else ",")
-        except (ValueError, OSError, pd.errors.ParserError) as e:
-            raise InputError(f"--genes: {path}: not a readable table ({e})") from None
-        if "gene" not in table.columns:
-            raise InputError(f"--genes: {path}: no 'gene' column (columns: {list(table.columns)})")
-        if "highly_variable" in table.columns:
-            flags = table["highly_variable"]
-            if flags.dtype != bool:
-                flags = flags.astype(str).str.lower().isin(("true", "1"))
-            table = table[flags.to_numpy()]
-        genes = table["gene"].astype(str).tolist()
-    else:
-        with open(path) as f:
-            genes = [line.strip() for line in f if line.strip() and not line.startswith("#")]
-    if not genes:
-        raise InputError(f"--genes: {path}: no genes selected")
-    if len(set(genes)) != len(genes):
-        raise InputError(f"--genes: {path}: genes are listed more than once")
-    return genes
-
-
-def selected_genes(path: str | None, var_names_g: np.ndarray, where: str) -> list[str] | None:
-    """The --genes list (None: all genes), checked against the shards' genes before any pass."""
-    if not path:
-        return None
-    genes = read_gene_list(path)
-    known = set(var_names_g)
-    missing = [g for g in genes if g not in known]
-    if missing:
-        raise InputError(f"--genes: {len(missing)} of {len(genes)} genes are not in {where}, e.g. {missing[:5]}")
-    return genes
+def call_pipeline(fn: Callable[..., Any], args: argparse.Namespace, **overrides: Any) -> Any:
+    """``fn(**options)``: each keyword argument ``fn`` takes, from ``overrides`` or else from the parsed
+    option of the same name (``inputs`` from ``--input``). Pipelines never see the Namespace."""
+    options = vars(args)
+    parameters = inspect.signature(fn).parameters
+    unknown = sorted(set(overrides) - set(parameters))
+    if unknown:
+        raise TypeError(f"{fn.__name__} takes no {unknown}")
+    kwargs: dict[str, Any] = {}
+    for name, parameter in parameters.items():
+        option = "input" if name == "inputs" else name
+        if name == "data_options" and name not in overrides:
+            kwargs[name] = DataOptions(**{f.name: options.get(f.name) for f in dataclasses.fields(DataOptions)})
+        elif name in overrides:
+            kwargs[name] = overrides[name]
+        elif option in options:
+            kwargs[name] = options[option]
+        elif parameter.default is inspect.Parameter.empty:
+            raise TypeError(f"{fn.__name__} needs {name!r}, which is neither an option nor given")
+    return fn(**kwargs)
 
 
 def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -185,10 +193,6 @@ def provenance(step: str, args: argparse.Namespace) -> dict[str, Any]:
         "config": config,
         "versions": versions,
     }
-
-
-def provenance_json(step: str, args: argparse.Namespace) -> str:
-    return json.dumps(provenance(step, args), default=str, sort_keys=True)
 
 
 def configure_logging(quiet: bool = False) -> None:
@@ -221,3 +225,49 @@ def _one_line(error: Exception) -> str:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+# -- the options of the label-trained steps (train-socam, train-logreg) ------------------------------------
+
+
+def add_label_training_arguments(parser: argparse.ArgumentParser, *, step: str, w_prior_scale: float,
+                                 learning_rate: float = 1e-2) -> argparse._ArgumentGroup:
+    # imported here, not at the top: every step imports this module, and the label pipeline loads Lightning
+    from cellarium_steps.pipelines.labels import DEFAULT_MAX_EPOCHS_CAP, DEFAULT_TRAINING_STEPS
+
+    add_common_arguments(parser, batch_size=1024)
+    group = parser.add_argument_group(f"{step} options")
+    group.add_argument(
+        "--genes", metavar="PATH",
+        help="genes to use: a CSV with 'gene' and 'highly_variable' columns (the hvg step's output; the "
+        "highly variable ones are used) or a text file with one gene per line (default: all genes)",
+    )
+    group.add_argument(
+        "--cell-type-key", default="cell_type_ontology_term_id", metavar="COLUMN",
+        help="obs column with each cell's Cell Ontology id; missing or 'unknown' cells are not trained on "
+        "(default: cell_type_ontology_term_id)",
+    )
+    group.add_argument("--max-epochs", type=int, default=None, metavar="N",
+                       help=f"passes over the data (default: enough for about {DEFAULT_TRAINING_STEPS} optimizer "
+                       f"steps, at most {DEFAULT_MAX_EPOCHS_CAP} epochs; 1 on large data)")
+    group.add_argument("--learning-rate", type=float, default=learning_rate, metavar="LR",
+                       help=f"Adam learning rate (default: {learning_rate:g})")
+    group.add_argument("--target-count", type=float, default=1e4, metavar="N",
+                       help="each cell's counts are scaled to this total before log1p (default: 1e4)")
+    features = group.add_mutually_exclusive_group()
+    features.add_argument("--pca", metavar="PATH",
+                          help="train on the cells' principal components instead of genes: the pca step's --output "
+                          "(its normalisation and genes come with it)")
+    features.add_argument("--scvi", metavar="CKPT",
+                          help="train on the cells' scVI latent means instead of genes: a train-scvi checkpoint "
+                          "(batches coded as it coded them; --batch-key defaults to its)")
+    group.add_argument("--w-prior-scale", type=float, default=w_prior_scale, metavar="B",
+                       help=f"scale of the Laplace prior on the weights; smaller is sparser (default: {w_prior_scale:g})")
+    return group
+
+
+def label_training_options(step: str, args: argparse.Namespace) -> Any:
+    """train-socam's and train-logreg's options as a ``pipelines.labels.LabelTrainingOptions``."""
+    from cellarium_steps.pipelines.labels import LabelTrainingOptions
+
+    return call_pipeline(LabelTrainingOptions, args, provenance=provenance(step, args))

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from cellarium_steps.data import open_shards
-from cellarium_steps.export import write_json_atomically, write_table_parquet
-from cellarium_steps.models import OnePassMeanVarStd
-from cellarium_steps.runner import fit_statistics
-from cellarium_steps.steps.common import add_common_arguments, provenance_json
+from cellarium_steps.pipelines.statistics import mean_var
+from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
 
 NAME = "mean-var"
 HELP = "per-gene (and per-batch) mean, variance and standard deviation of raw counts, in one pass"
@@ -31,20 +27,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def batch_table_path(output: str) -> Path:
-    return Path(output).with_suffix(".parquet")
-
-
 def run(args: argparse.Namespace) -> None:
-    collection = open_shards(args.input, batch_key=args.batch_key)
-    model = OnePassMeanVarStd(
-        collection.var_names_g, algorithm=args.algorithm, n_batch=collection.n_batch, output_path=args.output
-    )
-    trainer = fit_statistics(
-        model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-        devices=args.devices, accelerator=args.accelerator,
-    )
-    if trainer.global_rank == 0:
-        meta = provenance_json(NAME, args)
-        write_table_parquet(model.batch_summary_df(collection.batch_categories), batch_table_path(args.output), meta)
-        write_json_atomically(meta, args.output + ".provenance.json")
+    call_pipeline(mean_var, args, provenance=provenance(NAME, args))

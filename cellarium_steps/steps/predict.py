@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from cellarium_steps.data import ShardDataModule
-from cellarium_steps.data.errors import InputError
-from cellarium_steps.export.embeddings import ParquetEmbeddingWriter
-from cellarium_steps.runner import CellariumModule, build_trainer
-from cellarium_steps.runner.recipe import RECIPE_KEY, load_checkpoint
-from cellarium_steps.steps.common import add_common_arguments, provenance
-
-logger = logging.getLogger("cellarium_steps")
+from cellarium_steps.pipelines.predict import predict
+from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
 
 NAME = "predict"
 HELP = "run a trained model (a train-* checkpoint) over every cell and write its per-cell output as Parquet"
@@ -52,28 +45,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    try:
-        recipe = load_checkpoint(args.checkpoint)[RECIPE_KEY]
-    except (OSError, ValueError) as e:
-        raise InputError(f"--checkpoint: {e}") from None
-    data = recipe.get("data", {})
-    prediction = data.get("prediction")
-    if not prediction:
-        raise InputError(f"--checkpoint: {args.checkpoint}: the model has no per-cell prediction to write")
-    batch_key = args.batch_key or data.get("batch_key")
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, batch_key=batch_key, num_workers=args.num_workers,
-        batch_categories=data.get("batch_categories") if batch_key else None,
-    )
-    module = CellariumModule.from_checkpoint(args.checkpoint)
-    try:
-        writer = ParquetEmbeddingWriter.from_prediction_spec(
-            args.output, prediction,
-            provenance={"predict": provenance(NAME, args), "training": recipe.get("provenance")},
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"--checkpoint: {args.checkpoint}: unreadable prediction spec ({type(e).__name__}: {e})") from None
-    trainer = build_trainer(devices=args.devices, accelerator=args.accelerator, callbacks=[writer])
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
-    if trainer.global_rank == 0:
-        logger.info("wrote %s (%d cells on rank 0)", args.output, writer.rows_written)
+    call_pipeline(predict, args, provenance=provenance(NAME, args))

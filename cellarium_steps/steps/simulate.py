@@ -6,6 +6,7 @@ import argparse
 import logging
 
 from cellarium_steps.data.simulate import simulate_shards
+from cellarium_steps.steps.common import call_pipeline
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -32,13 +33,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    paths = simulate_shards(
-        args.output,
-        n_cells=args.n_cells,
-        n_genes=args.n_genes,
-        n_batches=args.n_batches,
-        n_cell_types=args.n_cell_types,
-        n_shards=args.n_shards,
-        seed=args.seed,
-    )
+    paths = call_pipeline(simulate_shards, args, output_dir=args.output)
     logger.info("wrote %d shards to %s", len(paths), args.output)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from cellarium_steps.atomic import write_csv_atomically
-from cellarium_steps.data import open_shards
-from cellarium_steps.export import write_json_atomically, write_table_parquet
-from cellarium_steps.models import TDigest
-from cellarium_steps.runner import fit_statistics
-from cellarium_steps.steps.common import add_common_arguments, provenance_json
+from cellarium_steps.pipelines.statistics import tdigest
+from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
 
 NAME = "tdigest"
 HELP = "per-gene median and quartiles of the non-zero counts (exact for small counts, t-digest above)"
@@ -28,15 +23,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    collection = open_shards(args.input)
-    model = TDigest(collection.var_names_g)
-    trainer = fit_statistics(
-        model, collection, batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
-        devices=args.devices, accelerator=args.accelerator,
-    )
-    if trainer.global_rank == 0:
-        table = model.summary_df()
-        meta = provenance_json(NAME, args)
-        write_csv_atomically(table, args.output)
-        write_table_parquet(table, Path(args.output).with_suffix(".parquet"), meta)
-        write_json_atomically(meta, args.output + ".provenance.json")
+    call_pipeline(tdigest, args, provenance=provenance(NAME, args))

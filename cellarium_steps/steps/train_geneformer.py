@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
+import inspect
 
-import lightning.pytorch as pl
-import numpy as np
-import pandas as pd
-
-from cellarium_steps.data import ShardDataModule
-from cellarium_steps.data.errors import InputError
-from cellarium_steps.models.geneformer import Geneformer
-from cellarium_steps.runner import CellariumModule
-from cellarium_steps.runner.recipe import spec
-from cellarium_steps.steps._training import fit_and_publish, resumable_trainer
-from cellarium_steps.steps.common import ConfigError, add_common_arguments, provenance, selected_genes
-from cellarium_steps.transforms.filter import Filter
-
-logger = logging.getLogger("cellarium_steps")
+from cellarium_steps.pipelines.transformers import train_geneformer
+from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
 
 NAME = "train-geneformer"
 HELP = "train a Geneformer (BERT over rank-value encoded cells) by masked language modelling, streamed"
@@ -41,13 +28,13 @@ example:
   cellarium-steps tdigest --input 'shards/*.h5ad' --output out/tdigest.csv
   cellarium-steps train-geneformer --input 'shards/*.h5ad' --tdigest out/tdigest.csv --output out/geneformer.ckpt"""
 
-#: (option, default, help) of the model's size; small enough to train on a CPU.
+#: (option, help) of the model's size; the defaults are train_geneformer's
 MODEL_OPTIONS = (
-    ("hidden_size", 64, "width of the encoder"),
-    ("num_hidden_layers", 2, "encoder layers"),
-    ("num_attention_heads", 2, "attention heads per layer (must divide --hidden-size)"),
-    ("intermediate_size", 128, "width of each layer's feed-forward block"),
-    ("max_position_embeddings", 512, "genes per cell: the top-ranked ones are kept"),
+    ("hidden_size", "width of the encoder"),
+    ("num_hidden_layers", "encoder layers"),
+    ("num_attention_heads", "attention heads per layer (must divide --hidden-size)"),
+    ("intermediate_size", "width of each layer's feed-forward block"),
+    ("max_position_embeddings", "genes per cell: the top-ranked ones are kept"),
 )
 
 
@@ -65,7 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="genes to model: a CSV with 'gene' and 'highly_variable' columns (the hvg step's output) or a text "
         "file with one gene per line (default: all genes)",
     )
-    for name, default, text in MODEL_OPTIONS:
+    defaults = inspect.signature(train_geneformer).parameters
+    for name, text in MODEL_OPTIONS:
+        default = defaults[name].default
         group.add_argument(
             "--" + name.replace("_", "-"), type=int, default=default, metavar="N", help=f"{text} (default: {default})"
         )
@@ -83,88 +72,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_options(args: argparse.Namespace) -> None:
-    for name in ("max_epochs", *(option[0] for option in MODEL_OPTIONS)):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {getattr(args, name)}")
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ConfigError(f"--max-steps: must be at least 1, got {args.max_steps}")
-    if args.hidden_size % args.num_attention_heads:
-        raise ConfigError(
-            f"--hidden-size ({args.hidden_size}) must be a multiple of --num-attention-heads ({args.num_attention_heads})"
-        )
-    if not 0 < args.mlm_probability < 1:
-        raise ConfigError(f"--mlm-probability: must be between 0 and 1, got {args.mlm_probability}")
-    if not args.learning_rate > 0:
-        raise ConfigError(f"--learning-rate: must be positive, got {args.learning_rate}")
-    if not str(args.output).endswith(".ckpt"):
-        raise ConfigError(f"--output: the checkpoint path must end in .ckpt, got {args.output!r}")
-
-
-def read_norm_factor(path: str, var_names_g: np.ndarray) -> np.ndarray:
-    """Each gene's non-zero median from the tdigest table, in var_names_g order.
-
-    A gene with no non-zero count in the table has no median: its factor is 1 (it cannot be
-    ranked in the data the table summarises anyway).
-    """
-    if not os.path.isfile(path):
-        raise InputError(f"--tdigest: {path}: no such file")
-    try:
-        table = pd.read_parquet(path) if path.lower().endswith(".parquet") else pd.read_csv(path)
-    except (ValueError, OSError, pd.errors.ParserError) as e:
-        raise InputError(f"--tdigest: {path}: not a readable table ({e})") from None
-    for column in ("gene", "median"):
-        if column not in table.columns:
-            raise InputError(f"--tdigest: {path}: no {column!r} column (columns: {list(table.columns)})")
-    genes = table["gene"].astype(str)
-    if genes.duplicated().any():
-        raise InputError(f"--tdigest: {path}: genes are listed more than once, e.g. {genes[genes.duplicated()].iloc[0]!r}")
-    median = pd.to_numeric(table["median"], errors="coerce").set_axis(genes)
-    missing = [g for g in var_names_g if g not in median.index]
-    if missing:
-        raise InputError(f"--tdigest: {path}: {len(missing)} of the model's genes are not in the table, e.g. {missing[:5]}")
-    factor_g = median.reindex(var_names_g).to_numpy(dtype=np.float64)
-    if (factor_g <= 0).any() or np.isinf(factor_g).any():
-        bad = np.asarray(var_names_g)[(factor_g <= 0) | np.isinf(factor_g)]
-        raise InputError(f"--tdigest: {path}: medians must be positive, e.g. gene {bad[0]!r}")
-    n_undefined = int(np.isnan(factor_g).sum())
-    if n_undefined:
-        logger.info("--tdigest: %d genes have no non-zero count in the table; their factor is 1", n_undefined)
-    return np.where(np.isnan(factor_g), 1.0, factor_g)
-
-
 def run(args: argparse.Namespace) -> None:
-    _check_options(args)
-    datamodule = ShardDataModule(
-        args.input, batch_size=args.batch_size, num_workers=args.num_workers, shuffle=True, seed=args.seed,
-    )
-    collection = datamodule.collection
-    genes = selected_genes(args.genes, collection.var_names_g, collection.shards[0].path)
-    var_names_g = np.asarray(genes if genes is not None else collection.var_names_g)
-    factor_g = read_norm_factor(args.tdigest, var_names_g) if args.tdigest else None
-
-    trainer, resume_from = resumable_trainer(args)
-    datamodule.dataset.set_distributed(0, trainer.world_size)
-    logger.info(
-        "%d cells, %d genes; %d steps per epoch per device, up to %d genes per cell",
-        collection.n_obs, len(var_names_g), len(datamodule.dataset), args.max_position_embeddings,
-    )
-
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    run_provenance = provenance(NAME, args)
-    recipe = {
-        "model": spec(
-            Geneformer, var_names_g=var_names_g, mlm_probability=args.mlm_probability,
-            **{name: getattr(args, name) for name, _, _ in MODEL_OPTIONS},
-        ),
-        "transforms": [spec(Filter, filter_list=genes)] if genes is not None else [],
-        # No per-cell "prediction": Geneformer's outputs are per token (hidden states, attentions).
-        "data": {"input_var_names_g": collection.var_names_g, "norm_factor_source": args.tdigest},
-        "provenance": run_provenance,
-    }
-    module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": args.learning_rate}, seed=args.seed)
-    if factor_g is not None:
-        # A buffer, so the factor travels in the checkpoint's weights.
-        module.model.set_norm_factor(factor_g)
-
-    fit_and_publish(trainer, module, datamodule, resume_from, args.output, run_provenance)
+    call_pipeline(train_geneformer, args, provenance=provenance(NAME, args))

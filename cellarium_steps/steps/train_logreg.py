@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-from cellarium_steps.models.logistic_regression import LogisticRegression
-from cellarium_steps.runner.recipe import spec
-from cellarium_steps.steps.train_socam import (
-    W_INIT_SCALE,
-    add_label_training_arguments,
-    fit_and_write,
-    label_data,
-    plain_provenance,
-    prepare_label_training,
-)
-
-logger = logging.getLogger("cellarium_steps")
+from cellarium_steps.pipelines.labels import train_logreg
+from cellarium_steps.steps.common import add_label_training_arguments, label_training_options
 
 NAME = "train-logreg"
 HELP = "train a multinomial logistic regression (Laplace prior, MAP) from expression to cell type, streamed"
@@ -48,23 +37,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    setup = prepare_label_training(args)
-    datamodule, summary, var_names_g = setup.datamodule, setup.summary, setup.var_names_g
-    categories = summary.labels
-    model_spec = spec(
-        LogisticRegression, n_obs=summary.n_labelled, var_names_g=var_names_g, y_categories=categories,
-        W_prior_scale=float(args.w_prior_scale), W_init_scale=W_INIT_SCALE, seed=int(args.seed), log_metrics=True,
-    )
-    recipe = {
-        "model": model_spec,
-        "transforms": setup.transform_specs(args),
-        "data": label_data(args, setup, prediction={
-            "key": "y_logits_nc", "column": "y_logits", "dim": len(categories),
-        }),
-        "provenance": plain_provenance(NAME, args),
-    }
-    fit_and_write(
-        args, datamodule, recipe,
-        {"label_key": args.cell_type_key, "label_format": "codes", "categories": categories}, categories,
-        setup.features,
-    )
+    train_logreg(label_training_options(NAME, args))

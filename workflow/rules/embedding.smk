@@ -1,9 +1,13 @@
+# hvg.batch_key (HVG's batches, e.g. the assay) may differ from the global batch_key (training's).
 rule hvg:
     input:
         shards=shard_inputs,
-        mean_var=rules.mean_var.output.csv,
+        mean_var=rules.mean_var.output.csv if HVG_USES_MEAN_VAR else [],
+        # read beside the CSV: an input too, so that a storage plugin stages it
+        mean_var_batches=rules.mean_var.output.parquet if HVG_USES_MEAN_VAR else [],
     output:
         csv=f"{RESULTS}/hvg/hvg.csv",
+        parquet=f"{RESULTS}/hvg/hvg.parquet",
     log:
         f"{RESULTS}/logs/hvg.log",
     benchmark:
@@ -13,12 +17,15 @@ rule hvg:
         mem_mb=2000,
     params:
         shards=shard_args,
-        batch_key=batch_key_option(),
-        common=common_options(),
-        options=step_options("hvg"),
+        batch_key=batch_key_option("hvg"),
+        mean_var=lambda wildcards, input: (
+            f"--mean-var {shlex.quote(input.mean_var)}" if HVG_USES_MEAN_VAR else ""
+        ),
+        run=run_options(),
+        options=step_options("hvg", exclude=("batch_key",)),
     shell:
-        "cellarium-steps hvg --input {params.shards} {params.batch_key} --mean-var {input.mean_var}"
-        " --output {output.csv} {params.common} {params.options} > {log} 2>&1"
+        "cellarium-steps hvg --input {params.shards} {params.batch_key} {params.mean_var}"
+        " --output {output.csv} {params.run} {params.options} > {log} 2>&1"
 
 
 rule pca:
@@ -39,8 +46,8 @@ rule pca:
         mem_mb=3000,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(),
         options=step_options("pca"),
     shell:
         "cellarium-steps pca --input {params.shards} --genes {input.genes} --output {output.components}"
-        " --embeddings {output.cells} {params.common} {params.options} > {log} 2>&1"
+        " --embeddings {output.cells} {params.run} {params.options} > {log} 2>&1"

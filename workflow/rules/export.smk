@@ -1,5 +1,9 @@
 # One streaming pass joins every model's per-cell output with the shards' obs: a Hive-partitioned
-# Parquet dataset (dataset=<name>/batch=<batch>/) and the per-gene table beside it.
+# Parquet dataset (dataset=<name>/batch=<batch>/) and the per-gene table beside it; with
+# export.anndata, in the same pass, one .h5ad per shard (obs, var, obsm latents) in export/anndata/.
+EXPORT_ANNDATA = bool((config.get("export") or {}).get("anndata"))
+
+
 rule export:
     input:
         shards=shard_inputs,
@@ -11,6 +15,7 @@ rule export:
     output:
         cells=directory(f"{RESULTS}/export/cells.parquet"),
         genes=f"{RESULTS}/export/genes.parquet",
+        anndata=directory(f"{RESULTS}/export/anndata") if EXPORT_ANNDATA else [],
     log:
         f"{RESULTS}/logs/export.log",
     benchmark:
@@ -22,8 +27,14 @@ rule export:
         shards=shard_args,
         batch_key=batch_key_option(),
         dataset=lambda wildcards: export_dataset(),
-        options=step_options("export", exclude=("dataset",)),
+        anndata=lambda wildcards, output: (
+            f"--anndata {shlex.quote(output.anndata)}" if EXPORT_ANNDATA else ""
+        ),
+        seed=config["seed"],
+        data=" ".join(shlex.quote(o) for o in data_options()),
+        options=step_options("export", exclude=("dataset", "anndata")),
     shell:
         "cellarium-steps export --input {params.shards} {params.batch_key} --cells {input.pca} {input.scvi}"
         " {input.socam} --dataset {params.dataset:q} --mean-var {input.mean_var} --hvg {input.hvg}"
-        " --genes-output {output.genes} --output {output.cells} {params.options} > {log} 2>&1"
+        " --genes-output {output.genes} --output {output.cells} {params.anndata} --seed {params.seed}"
+        " {params.data} {params.options} > {log} 2>&1"

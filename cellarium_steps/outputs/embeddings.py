@@ -9,7 +9,7 @@ Use :class:`ParquetEmbeddingWriter` as a callback of the trainer that runs ``tra
 
 The output is a directory of Parquet part files, one per rank (``part-00000.parquet``, ...),
 each with one row group per batch: ``cell_id`` (string) and the embedding as a fixed-size list of
-float32, then any derived columns (``columns=``: see :mod:`cellarium_steps.export.prediction_columns`,
+float32, then any derived columns (``columns=``: see :mod:`cellarium_steps.outputs.prediction_columns`,
 e.g. a classifier's call and top-k terms). :meth:`ParquetEmbeddingWriter.from_prediction_spec` builds
 the writer from a checkpoint recipe's ``data.prediction``. pyarrow, pandas and polars read the directory as one table; DuckDB reads
 ``'<path>/*.parquet'``. The parts are written under a temporary sibling directory that rank 0
@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from cellarium_steps.export.prediction_columns import ColumnBuilder, column_builder
-from cellarium_steps.export.tables import PROVENANCE_KEY
+from cellarium_steps.outputs.prediction_columns import ColumnBuilder, column_builder
+from cellarium_steps.outputs.tables import PROVENANCE_KEY
 
 # Lightning tracks batch indices for prediction writers through a sampler; our iterable
 # dataset has none, and the writer identifies rows by cell name instead.
@@ -58,7 +58,7 @@ class ParquetEmbeddingWriter(BasePredictionWriter):
         provenance: Stored in each part file's schema metadata, as the step tables do.
         compression: Parquet compression codec.
         columns: Specs of further columns derived from the prediction (plain data, see
-            :mod:`cellarium_steps.export.prediction_columns`), written after the embedding.
+            :mod:`cellarium_steps.outputs.prediction_columns`), written after the embedding.
     """
 
     def __init__(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.models.incremental_pca import component_names
+from cellarium_steps.models.scvi import SingleCellVariationalInference
+from cellarium_steps.outputs.pca import read_pca_state, state_path
+from cellarium_steps.pipelines.pca import pca_specs
+from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.features import ModelFeatures
 from cellarium_steps.runner.recipe import spec
 
@@ -28,12 +31,10 @@ class Features:
 
 def pca_features(path: str) -> Features:
     """The pca step's output (its Parquet, or the ``<stem>.pt`` beside it): cells -> PC1..PCk."""
-    from cellarium_steps.steps.pca import output_paths, pca_specs, read_pca_state
-
-    state_path = Path(path) if str(path).endswith(".pt") else output_paths(str(path))["state"]
-    if not state_path.is_file():
-        raise InputError(f"--pca {path}: no fitted PCA at {state_path} (give the pca step's --output)")
-    state = read_pca_state(state_path)
+    model_path = state_path(path)
+    if not model_path.is_file():
+        raise InputError(f"--pca {path}: no fitted PCA at {model_path} (give the pca step's --output)")
+    state = read_pca_state(model_path)
     model_spec, transforms = pca_specs(state)
     transform_spec = spec(ModelFeatures, model=model_spec, transforms=transforms, feature_prefix="PC")
     features = ModelFeatures(**transform_spec["init_args"])
@@ -45,9 +46,6 @@ def pca_features(path: str) -> Features:
 
 def scvi_features(path: str) -> Features:
     """A train-scvi checkpoint: cells -> the latent means scvi_0..scvi_{k-1}, batches coded as scVI coded them."""
-    from cellarium_steps.models.scvi import SingleCellVariationalInference
-    from cellarium_steps.runner import CellariumModule
-
     try:
         trained = CellariumModule.from_checkpoint(path)
     except (OSError, ValueError) as e:

@@ -10,6 +10,13 @@ order gives the cells in exactly the order of the shards' obs, and the join is a
     pca/cells.parquet    (iter_batches, re-chunked) -+--> check cell_id per chunk --> buffer per
     scvi/cells.parquet   (iter_batches, re-chunked) -+    (dataset, batch) --> a row group once
     socam/cells.parquet  (iter_batches, re-chunked) -+    ``row_group_size`` rows are buffered
+                                                          +-> (``anndata``) obsm/obs row ranges of
+                                                              the chunk's shard's .h5ad
+
+The same pass can add chosen obs columns of the shards (``obs_columns``, one shard's columns read
+at a time, :mod:`.obs_columns`), a 2-D layout column (``layout``: fitted beforehand on a reservoir
+sample read from the latent column alone, :mod:`.layout`, then applied chunk by chunk) and write
+one ``.h5ad`` per shard (``anndata``, :mod:`.shard_anndata`).
 
 A chunk whose ``cell_id`` differs from the shards' obs names is an :class:`InputError` naming the
 input, the row and both names; an input with fewer or more rows than the shards is one too.
@@ -26,32 +33,46 @@ Output layout (Hive partitioning, values percent-encoded where a path needs it):
 The partition columns live in the directory names, not in the files (the Hive convention, which
 pyarrow, pandas, polars, DuckDB and Spark read back as columns). Cells without a batch (no batch
 key, or a missing value) go to ``batch=__HIVE_DEFAULT_PARTITION__``, read back as null. Every file
-has the same schema and carries the run's provenance in its schema metadata. The dataset is
-written under a temporary sibling directory and renamed when complete.
+has the same schema and carries the run's provenance in its schema metadata. The dataset (and each
+``.h5ad``) is written under a temporary sibling name and renamed when the whole pass is complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellarium_steps.atomic import atomic_path
+from cellarium_steps.atomic import atomic_path, remove_stale_temporaries
+from cellarium_steps.data.batches import BATCH_SEPARATOR
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.data.reader import ShardReader
-from cellarium_steps.data.shards import ShardCollection, open_shards
-from cellarium_steps.export.tables import PROVENANCE_KEY, write_table_parquet
+from cellarium_steps.data.shards import Shard, ShardCollection, open_shards
+from cellarium_steps.outputs.layout import (
+    LAYOUT_COLUMNS,
+    LayoutOptions,
+    PCALayout,
+    UMAPLayout,
+    fit_layout,
+    resolve_method,
+    sample_vectors,
+    vector_matrix,
+)
+from cellarium_steps.outputs.obs_columns import obs_column_types, read_obs_columns
+from cellarium_steps.outputs.shard_anndata import ShardAnnDataWriter, shard_stem
+from cellarium_steps.outputs.tables import PROVENANCE_KEY, write_table_parquet
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -61,6 +82,8 @@ ID_COLUMN = "cell_id"
 #: Columns the export itself writes; an input may not bring its own.
 OWN_COLUMNS = (ID_COLUMN, "shard")
 PARTITION_COLUMNS = ("dataset", "batch")
+#: an --obs-columns column whose name the export already writes gets this prefix
+OBS_PREFIX = "obs_"
 
 
 # -- reading ------------------------------------------------------------------------------------------------
@@ -143,40 +166,44 @@ class RowStream:
         return self._pending_rows == 0 and self.take(1).num_rows == 0
 
 
-def _obs_index(f: h5py.File) -> h5py.Dataset:
-    obs = f["obs"]
-    return obs[obs.attrs.get("_index", "_index")]
-
-
 @dataclass
 class ObsChunk:
     shard: str  # the shard's file stem
     path: str
-    start: int  # first row within the shard
+    start: int  # the chunk's first cell among the shard's kept cells (all of them without obs_filter)
     cell_id: np.ndarray
     batch: np.ndarray | None  # object array of str/None, or None without a batch key
+    rows: np.ndarray  # the chunk's cells' rows in the file (sorted; start:stop without obs_filter)
 
 
 def iter_obs(collection: ShardCollection, chunk_size: int) -> Iterator[ObsChunk]:
-    """The shards' cell names and batch values, shard by shard, in chunks of at most ``chunk_size`` rows."""
+    """The kept cells' names and batch values, shard by shard, in chunks of at most ``chunk_size`` cells.
+
+    Read by the data layer's reader, so ``.zarr`` stores and ``obs_filter`` give exactly the cells the
+    other steps read, in their order.
+    """
     reader = ShardReader(collection, require_counts=False)
     try:
         for shard in collection.shards:
-            stem = os.path.splitext(os.path.basename(shard.path))[0]
-            with h5py.File(shard.path, "r") as f:
-                index = _obs_index(f)
-                for start in range(0, shard.n_obs, chunk_size):
-                    stop = min(start + chunk_size, shard.n_obs)
-                    names = np.asarray(index.asstr()[start:stop], dtype=object) if index.dtype.kind in "OS" else (
-                        np.asarray(index[start:stop]).astype(str).astype(object)
-                    )
-                    batch = None
-                    if collection.batch_key:
-                        values = reader.read_obs_column(shard, collection.batch_key, np.arange(start, stop))
-                        batch = np.array([None if _missing(v) else str(v) for v in values], dtype=object)
-                    yield ObsChunk(stem, shard.path, start, names, batch)
+            stem = shard_stem(shard.path)
+            kept_rows = shard.kept_rows()
+            for start in range(0, shard.n_obs, chunk_size):
+                positions = np.arange(start, min(start + chunk_size, shard.n_obs))
+                names = reader.read_obs_names(shard, positions)
+                batch = _batch_labels(reader, shard, collection.batch_keys, positions) if collection.batch_key else None
+                yield ObsChunk(stem, shard.path, start, names, batch, kept_rows[positions])
     finally:
         reader.close()
+
+
+def _batch_labels(reader: ShardReader, shard: Shard, keys: Sequence[str], positions: np.ndarray) -> np.ndarray:
+    """Each cell's batch: its value of the batch column, or its values of the batch columns joined as the
+    data layer names combinations (``a|b``); None where a value is missing."""
+    values_kn = [reader.read_obs_column(shard, key, positions) for key in keys]
+    labels = []
+    for values in zip(*values_kn):
+        labels.append(None if any(_missing(v) for v in values) else BATCH_SEPARATOR.join(str(v) for v in values))
+    return np.array(labels, dtype=object)
 
 
 def _missing(value: Any) -> bool:
@@ -270,12 +297,13 @@ class ExportSummary:
     partitions: dict[tuple[str, ...], int]  # (dataset, batch) -> rows
     row_groups: int
     columns: list[str]
+    anndata: list[str] = field(default_factory=list)  # the .h5ad files written
 
 
 def export_cells(
     shards: Sequence[str],
     cells: Sequence[str],
-    output: str,
+    output: str | None,
     *,
     dataset: str,
     batch_key: str | None = None,
@@ -284,13 +312,23 @@ def export_cells(
     chunk_size: int = 65_536,
     provenance: dict[str, Any] | None = None,
     compression: str = "zstd",
+    obs_columns: Sequence[str] = (),
+    anndata: str | None = None,
+    layout: LayoutOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> ExportSummary:
-    """Join the per-cell ``cells`` datasets with the shards' obs into ``output``; see the module docstring."""
+    """Join the per-cell ``cells`` datasets with the shards' obs into ``output`` and/or one ``.h5ad`` per
+    shard in ``anndata``, in one pass; see the module docstring. ``data_options`` are the other steps'
+    (the same cells: ``obs_filter``; the same shards and genes: ``counts``, ``var_names``, ``gene_join``)."""
+    if not output and not anndata:
+        raise InputError("nothing to write: give --output, --anndata or both")
     if row_group_size < 1 or chunk_size < 1:
         raise InputError("--row-group-size and --batch-size must be at least 1")
     if not dataset or "/" in dataset:
         raise InputError(f"--dataset: expected a non-empty name without '/', got {dataset!r}")
-    collection = open_shards(shards, batch_key=batch_key)
+    # No count is read, so none is required (a CELLxGENE file's X is normalized; `auto` then takes it).
+    collection = open_shards(shards, batch_key=batch_key, require_counts=False,
+                             **(data_options or DataOptions()).open_kwargs())
     streams = [RowStream(path, chunk_size) for path in cells]
     seen: dict[str, str] = {c: "the export" for c in (*OWN_COLUMNS, *PARTITION_COLUMNS)}
     for stream in streams:
@@ -303,45 +341,115 @@ def export_cells(
             if column in seen:
                 raise InputError(f"--cells: {stream.path}: column {column!r} is also written by {seen[column]}")
             seen[column] = stream.path
+    # Before the pass: every shard has the obs columns (a missing one names the shard), and their types agree.
+    obs_types = obs_column_types([s.path for s in collection.shards], obs_columns)
+    obs_names = {c: OBS_PREFIX + c if c in seen else c for c in obs_types}
+    fitted = _fit_layout(streams, layout) if layout else None
 
     fields = [pa.field(ID_COLUMN, pa.string()), pa.field("shard", pa.string())]
+    fields += [pa.field(obs_names[c], kind) for c, kind in obs_types.items()]
     for stream in streams:
         fields += [stream.schema.field(c) for c in stream.columns]
+    if fitted:
+        fields.append(pa.field(fitted.output_column, pa.list_(pa.float32(), 2)))
     run_metadata = {
         "export": provenance or {},
         "dataset": dataset,
         "batch_key": batch_key,
         "partitioning": list(PARTITION_COLUMNS),
         "inputs": {stream.path: stream.provenance() for stream in streams},
+        "obs_columns": obs_names,
+        "layout": fitted.metadata() if fitted else None,
     }
     schema = pa.schema(fields, metadata={PROVENANCE_KEY: json.dumps(run_metadata, default=str, sort_keys=True).encode()})
 
-    _remove_stale_temporaries(output)
-    with atomic_path(output) as tmp:
-        writer = PartitionedWriter(tmp, schema, row_group_size=row_group_size,
-                                   max_buffered_rows=max_buffered_rows, compression=compression)
-        try:
-            n_cells = 0
-            for chunk in iter_obs(collection, chunk_size):
-                columns: list[pa.Array] = [pa.array(chunk.cell_id, pa.string()),
-                                           pa.array(np.full(len(chunk.cell_id), chunk.shard, dtype=object), pa.string())]
-                for stream in streams:
-                    part = stream.take(len(chunk.cell_id))
-                    _check_ids(stream, part, chunk, n_cells)
-                    columns += [part.column(c).combine_chunks() for c in stream.columns]
-                table = pa.Table.from_arrays(columns, schema=schema)
+    stack = contextlib.ExitStack()
+    h5ad = ShardAnnDataWriter(anndata, collection.shards, schema, stack, run_metadata) if anndata else None
+    remove_stale_temporaries([*([output] if output else []), *(h5ad.outputs if h5ad else [])])
+    # Every output is written under a temporary name; the stack renames them all (the .h5ad files, then
+    # the Parquet dataset) only when the pass has succeeded, and removes them otherwise.
+    with stack:
+        writer = None
+        if output:
+            tmp = stack.enter_context(atomic_path(output))
+            writer = PartitionedWriter(tmp, schema, row_group_size=row_group_size,
+                                       max_buffered_rows=max_buffered_rows, compression=compression)
+            stack.callback(writer.abort)
+        n_cells = 0
+        for chunk, table in _joined_chunks(collection, streams, schema, chunk_size, obs_types, obs_names, fitted):
+            if writer:
                 _write_by_batch(writer, table, dataset, chunk.batch)
-                n_cells += len(chunk.cell_id)
+            if h5ad:
+                h5ad.write(chunk.path, chunk.start, chunk.rows, table)
+            n_cells += table.num_rows
+        if h5ad:
+            h5ad.close()
+        if writer:
             writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        if os.path.isdir(output):
-            shutil.rmtree(output)
-        elif os.path.exists(output):
-            os.remove(output)
-    partitions = {key: p.rows_written for key, p in writer.partitions.items()}
-    return ExportSummary(n_cells, partitions, sum(p.row_groups for p in writer.partitions.values()), schema.names)
+            if os.path.isdir(output):
+                shutil.rmtree(output)
+            elif os.path.exists(output):
+                os.remove(output)
+    partitions = {key: p.rows_written for key, p in writer.partitions.items()} if writer else {}
+    row_groups = sum(p.row_groups for p in writer.partitions.values()) if writer else 0
+    return ExportSummary(n_cells, partitions, row_groups, schema.names, h5ad.outputs if h5ad else [])
+
+
+@dataclass
+class _FittedLayout:
+    options: LayoutOptions
+    model: PCALayout | UMAPLayout
+    n_sampled: int
+
+    @property
+    def output_column(self) -> str:
+        return LAYOUT_COLUMNS[self.model.name]
+
+    def metadata(self) -> dict[str, Any]:
+        return {**asdict(self.options), "output_column": self.output_column, "n_sampled": self.n_sampled}
+
+
+def _fit_layout(streams: Sequence[RowStream], options: LayoutOptions) -> _FittedLayout:
+    """The 2-D layout, fitted on a reservoir sample read from the latent column alone (a first, cheap pass)."""
+    method = resolve_method(options.method)
+    holders = [s for s in streams if options.column in s.columns]
+    if not holders:
+        raise InputError(f"--layout-column: no --cells input has a column {options.column!r}")
+    kind = holders[0].schema.field(options.column).type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)):
+        raise InputError(f"--layout-column: {holders[0].path}: {options.column!r} is {kind}, not a vector per cell")
+    sample = sample_vectors(holders[0].parts, options.column, options.sample_size, options.seed)
+    logger.info("fitting the %s layout of %s on %d sampled cells", method, options.column, len(sample))
+    return _FittedLayout(options, fit_layout(sample, method, options.seed), len(sample))
+
+
+def _joined_chunks(
+    collection: ShardCollection, streams: Sequence[RowStream], schema: pa.Schema, chunk_size: int,
+    obs_types: dict[str, pa.DataType], obs_names: dict[str, str], layout: _FittedLayout | None,
+) -> Iterator[tuple[ObsChunk, pa.Table]]:
+    """The zip: each chunk of the shards' obs with the same rows of every input, cell_id checked."""
+    shard_obs: pa.Table | None = None
+    n_cells = 0
+    for chunk in iter_obs(collection, chunk_size):
+        n = len(chunk.cell_id)
+        columns: dict[str, pa.Array] = {ID_COLUMN: pa.array(chunk.cell_id, pa.string()),
+                                        "shard": pa.array(np.full(n, chunk.shard, dtype=object), pa.string())}
+        if obs_types:
+            if chunk.start == 0:
+                shard = next(s for s in collection.shards if s.path == chunk.path)
+                shard_obs = read_obs_columns(chunk.path, obs_types, None if shard.kept_bits is None else shard.kept_rows())
+            assert shard_obs is not None
+            rows = shard_obs.slice(chunk.start, n)
+            columns.update((obs_names[c], rows.column(c).combine_chunks()) for c in obs_types)
+        for stream in streams:
+            part = stream.take(n)
+            _check_ids(stream, part, chunk, n_cells)
+            columns.update((c, part.column(c).combine_chunks()) for c in stream.columns)
+        if layout:
+            xy = layout.model.transform(vector_matrix(columns[layout.options.column]))
+            columns[layout.output_column] = pa.FixedSizeListArray.from_arrays(pa.array(xy.ravel()), 2)
+        yield chunk, pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
+        n_cells += n
 
 
 def _check_ids(stream: RowStream, part: pa.Table, chunk: ObsChunk, row: int) -> None:
@@ -354,8 +462,8 @@ def _check_ids(stream: RowStream, part: pa.Table, chunk: ObsChunk, row: int) -> 
         i = int(differ[0])
         raise InputError(
             f"--cells: {stream.path}: row {row + i} has cell_id {got[i]!r}, but the shards' cell there is "
-            f"{expected[i]!r} ({chunk.path}, obs row {chunk.start + i}); the per-cell outputs must come from the "
-            "same shards in the same order (rerun the step that wrote it)"
+            f"{expected[i]!r} ({chunk.path}, obs row {chunk.rows[i]}); the per-cell outputs must come from the "
+            "same shards, cells (--obs-filter) and order (rerun the step that wrote it)"
         )
 
 
@@ -371,28 +479,6 @@ def _write_by_batch(writer: PartitionedWriter, table: pa.Table, dataset: str, ba
     for code in np.unique(codes):
         rows = np.flatnonzero(codes == code)
         writer.write((dataset, None if code < 0 else str(uniques[code])), table.take(pa.array(rows)))
-
-
-def _remove_stale_temporaries(output: str) -> None:
-    """Temporary directories a killed export left beside ``output`` (atomic_path's naming)."""
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    prefix = f".{os.path.basename(output)}.tmp-"
-    if not os.path.isdir(parent):
-        return
-    for name in os.listdir(parent):
-        if name.startswith(prefix):
-            pid = name[len(prefix):]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -1,7 +1,7 @@
 """Per-cell columns derived from a model's prediction, described by plain data (a checkpoint's recipe).
 
 A trained step stores, in its recipe's ``data.prediction``, a list of column specs under
-``"columns"``; :class:`~cellarium_steps.export.embeddings.ParquetEmbeddingWriter` builds each one
+``"columns"``; :class:`~cellarium_steps.outputs.embeddings.ParquetEmbeddingWriter` builds each one
 from the prediction dict of every batch, so the ``predict`` step needs to know nothing about the
 model. A spec is ``{"kind": ..., "key": <prediction key>, ...}``; the kinds:
 

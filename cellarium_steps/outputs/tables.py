@@ -27,9 +27,3 @@ def write_table_parquet(df: pd.DataFrame, path: str | os.PathLike, provenance: d
 def read_provenance(path: str | os.PathLike) -> dict[str, Any]:
     metadata = pq.read_schema(path).metadata or {}
     return json.loads(metadata[PROVENANCE_KEY])
-
-
-def write_json_atomically(payload: dict[str, Any] | str, path: str | os.PathLike) -> None:
-    text = payload if isinstance(payload, str) else json.dumps(payload, default=str, indent=2, sort_keys=True)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        f.write(text)

@@ -1,8 +1,8 @@
-"""cellarium-steps report: the plots a user looks at first, as PNGs for `snakemake --report`."""
+"""The report step's plots, the ones a user looks at first, as PNGs for `snakemake --report`."""
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
 import os
 from collections import Counter
@@ -11,15 +11,13 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
-from cellarium_steps.atomic import atomic_path
+from cellarium_steps.atomic import atomic_path, write_json_atomically
 from cellarium_steps.data.errors import InputError
-from cellarium_steps.steps.common import provenance_json
+from cellarium_steps.models._reservoir import ReservoirSampler
+from cellarium_steps.outputs.layout import PCALayout, vector_matrix
 
 logger = logging.getLogger("cellarium_steps")
 
-NAME = "report"
-HELP = "plot the run's first-look figures (HVG, PCA variance, scVI loss, latent, cell types per batch) as PNGs"
-REQUIRED = ("output",)
 PLOTS = {
     "hvg_mean_variance.png": "--hvg",
     "pca_variance.png": "--pca-variance",
@@ -28,38 +26,7 @@ PLOTS = {
     "latent_by_cell_type.png": "--cells",
     "cell_type_composition.png": "--cells",
 }
-EPILOG = f"""outputs (in the --output directory; a plot whose input is not given says so in the image):
-{chr(10).join(f"  {name:28s} from {flag}" for name, flag in PLOTS.items())}
-  provenance.json              the run's config and versions
-
-per-cell data:
-  the export (--cells) is streamed once: the cell-type counts per batch are exact over every cell; the
-  2-D views use a uniform sample of at most --sample-size cells (a reservoir, seeded by --seed), so
-  memory does not grow with the number of cells. The 2-D view is the first two principal components
-  of the scVI latent (--layout pca) or a UMAP of the sample (--layout umap, needs umap-learn).
-
-example:
-  cellarium-steps report --hvg out/hvg.csv --pca-variance out/pca_variance.csv \\
-      --scvi-metrics out/scvi.ckpt.metrics.csv --cells out/export/cells.parquet --output out/report"""
-
 MAX_LEGEND = 12
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", metavar="DIR", help="directory for the PNGs (required)")
-    parser.add_argument("--hvg", metavar="CSV", help="hvg's table (gene, means, variances, variances_norm, highly_variable)")
-    parser.add_argument("--pca-variance", metavar="CSV", help="pca's <stem>_variance.csv")
-    parser.add_argument("--scvi-metrics", metavar="CSV", help="train-scvi's OUTPUT.metrics.csv (epoch, train_loss, val_loss)")
-    parser.add_argument("--cells", metavar="DIR", help="the export's Parquet dataset (scvi_latent, batch, cell_type)")
-    parser.add_argument("--latent-column", default="scvi_latent", metavar="COLUMN",
-                        help="the embedding to draw in 2-D (default: scvi_latent)")
-    parser.add_argument("--sample-size", type=int, default=20_000, metavar="N",
-                        help="cells drawn in the 2-D views (default: 20000)")
-    parser.add_argument("--layout", choices=("pca", "umap"), default="pca",
-                        help="2-D layout of the latent sample: its first two principal components, or UMAP (default: pca)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample and of UMAP (default: 0)")
-    parser.add_argument("--config", metavar="YAML", help="a YAML file with these options' long names as keys")
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
 
 
 # -- figures ------------------------------------------------------------------------------------------------
@@ -164,40 +131,34 @@ def plot_losses(path: str, out: str) -> None:
 
 
 class CellSample:
-    """A uniform reservoir sample of cells (Algorithm R in blocks), and exact cell-type counts per batch."""
+    """A uniform reservoir sample of cells (:class:`ReservoirSampler`), and exact cell-type counts per batch."""
 
     def __init__(self, size: int, seed: int) -> None:
         self.size = size
-        self.rng = np.random.default_rng(seed)
-        self.seen = 0
+        self.sampler = ReservoirSampler(size, seed)
         self.latent: np.ndarray | None = None
         self.batch = np.empty(0, dtype=object)
         self.cell_type = np.empty(0, dtype=object)
         self.counts: Counter[tuple[str, str]] = Counter()
 
+    @property
+    def seen(self) -> int:
+        return self.sampler.seen
+
     def add(self, latent: np.ndarray, batch: np.ndarray, cell_type: np.ndarray) -> None:
-        n = len(batch)
         self.counts.update(zip(batch.tolist(), cell_type.tolist()))
         if self.latent is None:
             self.latent = np.empty((0, latent.shape[1]), dtype=np.float32)
-        # Fill the reservoir first, then cell i (0-based over the stream) replaces a random slot with
-        # probability size / (i + 1).
-        fill = max(0, min(self.size - len(self.batch), n))
-        if fill:
-            self.latent = np.concatenate([self.latent, latent[:fill]])
-            self.batch = np.concatenate([self.batch, batch[:fill]])
-            self.cell_type = np.concatenate([self.cell_type, cell_type[:fill]])
-        rest = np.arange(fill, n)
-        if rest.size:
-            index = self.seen + rest
-            slots = (self.rng.random(rest.size) * (index + 1)).astype(np.int64)
-            take = slots < self.size
-            # Later cells overwrite earlier ones in the same slot, as the sequential algorithm would.
-            for i, slot in zip(rest[take], slots[take]):
-                self.latent[slot] = latent[i]
-                self.batch[slot] = batch[i]
-                self.cell_type[slot] = cell_type[i]
-        self.seen += n
+        rows, slots = self.sampler.offer(len(batch))
+        # Slots past the sample's end come in slot order: those rows are appended, the others overwrite.
+        new = slots >= len(self.batch)
+        stored = []
+        for sample, arriving in ((self.latent, latent), (self.batch, batch), (self.cell_type, cell_type)):
+            if new.any():
+                sample = np.concatenate([sample, arriving[rows[new]]])
+            sample[slots[~new]] = arriving[rows[~new]]
+            stored.append(sample)
+        self.latent, self.batch, self.cell_type = stored
 
 
 def _cell_type_column(names: list[str]) -> str | None:
@@ -224,9 +185,7 @@ def sample_cells(path: str, latent_column: str, size: int, seed: int) -> tuple[C
     for batch in dataset.to_batches(columns=columns, batch_size=65_536):
         if batch.num_rows == 0:
             continue
-        vectors = batch.column(latent_column)
-        width = vectors.type.list_size
-        latent = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+        latent = vector_matrix(batch.column(latent_column))
         batches = np.asarray(batch.column("batch").fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
         types = (np.asarray(batch.column(type_column).fill_null("(none)").to_numpy(zero_copy_only=False), dtype=object)
                  if type_column else np.full(batch.num_rows, "(not predicted)", dtype=object))
@@ -244,12 +203,7 @@ def layout_2d(latent: np.ndarray, method: str, seed: int) -> tuple[np.ndarray, t
             raise InputError("--layout umap needs umap-learn (pip install umap-learn), or use --layout pca") from None
         xy = umap.UMAP(n_components=2, random_state=seed).fit_transform(latent)
         return np.asarray(xy), ("UMAP 1", "UMAP 2")
-    centred = latent.astype(np.float64) - latent.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    if xy.shape[1] < 2:
-        xy = np.column_stack([xy, np.zeros(len(xy))])
-    return xy, ("latent PC 1", "latent PC 2")
+    return PCALayout(latent).transform(latent), ("latent PC 1", "latent PC 2")
 
 
 def _ordered_categories(values: np.ndarray, limit: int = MAX_LEGEND) -> list[str]:
@@ -306,43 +260,47 @@ def plot_composition(counts: Counter, title_suffix: str, out: str) -> None:
     _save(fig, out)
 
 
-def plot_cells(args: argparse.Namespace) -> None:
-    paths = {name: os.path.join(args.output, name) for name in PLOTS}
-    sample, type_column = sample_cells(args.cells, args.latent_column, args.sample_size, args.seed)
-    xy, axis_names = layout_2d(sample.latent, args.layout, args.seed)
+def plot_cells(output: str, cells: str, *, latent_column: str, sample_size: int, layout: str, seed: int) -> None:
+    paths = {name: os.path.join(output, name) for name in PLOTS}
+    sample, type_column = sample_cells(cells, latent_column, sample_size, seed)
+    xy, axis_names = layout_2d(sample.latent, layout, seed)
     n = f"{len(sample.batch):,} of {sample.seen:,} cells"
-    plot_scatter(xy, sample.batch, axis_names, f"{args.latent_column} by batch ({n})", paths["latent_by_batch.png"],
+    plot_scatter(xy, sample.batch, axis_names, f"{latent_column} by batch ({n})", paths["latent_by_batch.png"],
                  sort_legend=True)
     if type_column is None:
         message = "the export has no predicted cell types (set cell_type_key to train SOCAM)"
         _placeholder(paths["latent_by_cell_type.png"], "Predicted cell type", message)
     else:
-        plot_scatter(xy, sample.cell_type, axis_names, f"{args.latent_column} by predicted {type_column} ({n})",
+        plot_scatter(xy, sample.cell_type, axis_names, f"{latent_column} by predicted {type_column} ({n})",
                      paths["latent_by_cell_type.png"])
     plot_composition(sample.counts, f" (predicted {type_column}, all {sample.seen:,} cells)" if type_column else
                      " (no predictions)", paths["cell_type_composition.png"])
 
 
-def run(args: argparse.Namespace) -> None:
-    if args.sample_size < 1:
-        raise InputError(f"--sample-size: must be at least 1, got {args.sample_size}")
-    os.makedirs(args.output, exist_ok=True)
-    jobs: list[tuple[str | None, str, Callable[[], None]]] = [
-        (args.hvg, "hvg_mean_variance.png", lambda: plot_hvg(args.hvg, os.path.join(args.output, "hvg_mean_variance.png"))),
-        (args.pca_variance, "pca_variance.png",
-         lambda: plot_pca_variance(args.pca_variance, os.path.join(args.output, "pca_variance.png"))),
-        (args.scvi_metrics, "scvi_loss.png", lambda: plot_losses(args.scvi_metrics, os.path.join(args.output, "scvi_loss.png"))),
+def write_report(
+    *, output: str, hvg: str | None = None, pca_variance: str | None = None, scvi_metrics: str | None = None,
+    cells: str | None = None, latent_column: str = "scvi_latent", sample_size: int = 20_000, layout: str = "pca",
+    seed: int = 0, provenance: dict | None = None,
+) -> None:
+    """Every plot of :data:`PLOTS` in ``output`` (a placeholder image where its input is not given)."""
+    if sample_size < 1:
+        raise InputError(f"--sample-size: must be at least 1, got {sample_size}")
+    os.makedirs(output, exist_ok=True)
+    jobs: list[tuple[str | None, str, Callable[[str, str], None]]] = [
+        (hvg, "hvg_mean_variance.png", plot_hvg),
+        (pca_variance, "pca_variance.png", plot_pca_variance),
+        (scvi_metrics, "scvi_loss.png", plot_losses),
     ]
-    for given, name, job in jobs:
+    for given, name, plot in jobs:
         if given:
-            job()
+            plot(given, os.path.join(output, name))
         else:
-            _placeholder(os.path.join(args.output, name), name, f"not plotted: no {PLOTS[name]} given")
-    if args.cells:
-        plot_cells(args)
+            _placeholder(os.path.join(output, name), name, f"not plotted: no {PLOTS[name]} given")
+    if cells:
+        plot_cells(output, cells, latent_column=latent_column, sample_size=sample_size, layout=layout, seed=seed)
     else:
         for name in ("latent_by_batch.png", "latent_by_cell_type.png", "cell_type_composition.png"):
-            _placeholder(os.path.join(args.output, name), name, "not plotted: no --cells given")
-    with atomic_path(os.path.join(args.output, "provenance.json")) as tmp, open(tmp, "w") as f:
-        f.write(provenance_json(NAME, args))
-    logger.info("wrote %d plots to %s", len(PLOTS), args.output)
+            _placeholder(os.path.join(output, name), name, "not plotted: no --cells given")
+    write_json_atomically(json.dumps(provenance or {}, default=str, sort_keys=True),
+                          os.path.join(output, "provenance.json"))
+    logger.info("wrote %d plots to %s", len(PLOTS), output)
