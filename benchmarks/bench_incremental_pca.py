@@ -38,7 +38,7 @@ TOP_SUBSPACE = 10
 
 def accuracy(exact_state: Path, incremental_state: Path) -> dict[str, float]:
     """The incremental model's errors against the exact model's covariance (see the module doc)."""
-    from cellarium_steps.steps.pca import load_pca
+    from cellarium_steps.pipelines.pca import load_pca
 
     exact, _ = load_pca(exact_state)
     incremental, _ = load_pca(incremental_state)
