@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for method in METHODS:
         output = out_dir / f"pca_{method}.parquet"
         cmd = [exe, "pca", *common, "--genes", str(hvg_csv), "--n-components", str(args.n_components),
-               "--method", method, "--output", str(output)]  # fmt: skip
+               "--method", method, "--exact-max-genes", str(max(args.n_top_genes, 5000)),
+               "--output", str(output)]  # fmt: skip
         jobs.append((f"pca --method {method}", cmd, [output, out_dir / f"pca_{method}.pt"], False))
     results = run_jobs(jobs, args.warmup, args.repeats)
 
