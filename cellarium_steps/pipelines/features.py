@@ -14,7 +14,7 @@ from cellarium_steps.outputs.pca import read_pca_state, state_path
 from cellarium_steps.pipelines.pca import pca_specs
 from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.features import ModelFeatures
-from cellarium_steps.runner.recipe import spec
+from cellarium_steps.runner.recipe import spec, state_fingerprint
 
 
 @dataclass
@@ -63,3 +63,34 @@ def scvi_features(path: str) -> Features:
                     [str(g) for g in trained.model.var_names_g], batch_key=data.get("batch_key"),
                     batch_categories=data.get("batch_categories"))
 
+
+
+def features_from_query(module: CellariumModule, checkpoint: str, path: str) -> dict[str, Any]:
+    """``predict --features-from``: a classifier trained on a reference scVI's latent means (train-socam or
+    train-logreg ``--scvi``) reads instead the latent of a query checkpoint mapped from that reference
+    (``train-scvi --reference``), so cells of the query's new batches are embedded as the mapping learned.
+
+    The query must have been mapped from the very weights the classifier was trained on (or be them):
+    their fingerprints are compared. Returns the query's ``batch_key`` and ``batch_categories``.
+    """
+    features = module.transforms[0] if len(module.transforms) else None
+    if not isinstance(features, ModelFeatures) or not isinstance(features.model, SingleCellVariationalInference):
+        raise InputError(f"--features-from {path}: {checkpoint} was not trained on scVI latent means (--scvi)")
+    try:
+        query = CellariumModule.from_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--features-from {path}: {e}") from None
+    if not isinstance(query.model, SingleCellVariationalInference):
+        raise InputError(f"--features-from {path}: a {type(query.model).__name__} checkpoint, not train-scvi's")
+    recipe = query.recipe or {}
+    data = recipe.get("data", {})
+    accepted = {(data.get("reference") or {}).get("fingerprint"), state_fingerprint(query.model.state_dict())}
+    if state_fingerprint(features.model.state_dict()) not in accepted:
+        raise InputError(f"--features-from {path}: not mapped from the scVI model {checkpoint} was trained on "
+                         "(train-scvi --reference must be that model)")
+    swapped = ModelFeatures(model=recipe["model"], transforms=recipe.get("transforms", []),
+                            feature_prefix=features.feature_prefix)
+    swapped.model.load_state_dict(query.model.state_dict())
+    swapped.transforms.load_state_dict(query.transforms.state_dict())
+    module.transforms[0] = swapped
+    return {"batch_key": data.get("batch_key"), "batch_categories": data.get("batch_categories")}
