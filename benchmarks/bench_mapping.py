@@ -110,26 +110,15 @@ def load(path: str, genes: list[str]):
     return adata
 
 
-def mapping_metrics(reference_z: np.ndarray, reference_labels: np.ndarray, query_z: np.ndarray,
-                    query_labels: np.ndarray) -> dict:
-    """Label transfer accuracy (labelled cells on both sides) and query mixing (every cell)."""
-    import torch
-
-    from cellarium_steps.models._latent_metrics import knn_label_transfer, reference_neighbour_fraction
-    from cellarium_steps.ontology import is_term_or_descendant, is_unlabelled
-
-    voters = np.array([not is_unlabelled(v) for v in reference_labels])
-    scored = np.array([not is_unlabelled(v) for v in query_labels])
-    classes, codes = np.unique(reference_labels[voters].astype(str), return_inverse=True)
-    predicted = classes[knn_label_transfer(torch.tensor(reference_z[voters]), torch.tensor(codes),
-                                           torch.tensor(query_z[scored]), KNN_K).numpy()]
-    accuracy = float(np.mean(is_term_or_descendant(predicted, query_labels[scored].astype(str))))
-    mixing = reference_neighbour_fraction(torch.tensor(reference_z), torch.tensor(query_z), KNN_K)
-    return {"accuracy": accuracy, "mixing": mixing, "n_scored": int(scored.sum())}
-
-
 # ----------------------------------------------------------------------------------------------- workers
 # Each runs in its own interpreter (``--worker NAME --spec JSON``) and prints one JSON line.
+
+
+def mapping_metrics(reference_z: np.ndarray, reference_labels: np.ndarray, query_z: np.ndarray,
+                    query_labels: np.ndarray) -> dict:
+    from cellarium_steps.models._latent_metrics import mapping_metrics as metrics
+
+    return metrics(reference_z, reference_labels, query_z, query_labels, KNN_K)
 
 
 def _latent(checkpoint: str, adata) -> np.ndarray:

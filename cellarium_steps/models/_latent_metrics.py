@@ -296,3 +296,27 @@ def reference_neighbour_fraction(reference_z_mk: torch.Tensor, query_z_nk: torch
     pool = torch.cat([query_z_nk, torch.as_tensor(reference_z_mk, dtype=torch.float32)])
     neighbour_nk = nearest_neighbours(query_z_nk, pool, k, exclude_self=True)
     return float((neighbour_nk >= query_z_nk.shape[0]).float().mean())
+
+
+def mapping_metrics(reference_z_mk: np.ndarray, reference_labels_m: np.ndarray, query_z_nk: np.ndarray,
+                    query_labels_n: np.ndarray, k: int = 15) -> dict[str, float]:
+    """How well a query is mapped onto a reference, from the latent means of both.
+
+    ``accuracy``: a ``k``-NN vote of the labelled reference cells gives each labelled query cell a
+    reference label, right when it is the query's label or one of its descendants (labels are Cell
+    Ontology ids, possibly at other depths on the two sides); ``mixing``:
+    :func:`reference_neighbour_fraction` over every cell; ``n_scored``: the labelled query cells.
+    """
+    from cellarium_steps.ontology import is_term_or_descendant, is_unlabelled
+
+    reference_labels_m, query_labels_n = np.asarray(reference_labels_m), np.asarray(query_labels_n)
+    voters = np.array([not is_unlabelled(v) for v in reference_labels_m], dtype=bool)
+    scored = np.array([not is_unlabelled(v) for v in query_labels_n], dtype=bool)
+    classes, codes = np.unique(reference_labels_m[voters].astype(str), return_inverse=True)
+    predicted = classes[knn_label_transfer(torch.as_tensor(reference_z_mk[voters]), torch.as_tensor(codes),
+                                           torch.as_tensor(query_z_nk[scored]), k).numpy()]
+    return {
+        "accuracy": float(np.mean(is_term_or_descendant(predicted, query_labels_n[scored].astype(str)))),
+        "mixing": reference_neighbour_fraction(torch.as_tensor(reference_z_mk), torch.as_tensor(query_z_nk), k),
+        "n_scored": int(scored.sum()),
+    }
