@@ -145,8 +145,9 @@ def refuse_unseen(shards: QueryShards, hint: str) -> None:
                 value = collection.batch_categories[batch_n[row]]
                 raise InputError(
                     f"{shard.path}: cell {name!r} (row {row}) has obs[{collection.batch_key!r}] {value!r}, a batch "
-                    f"the model did not see ({sum(shards.unseen_cells.values())} cells in {len(shards.unseen_cells)} "
-                    f"such batches; the model saw {list(collection.batch_categories[:min(shards.n_known, 8)])}); {hint}"
+                    f"the model did not see ({sum(shards.unseen_cells.values())} cells of such batches "
+                    f"{list(shards.unseen_cells)[:SHOWN]}; the model saw "
+                    f"{list(collection.batch_categories[:min(shards.n_known, 8)])}); {hint}"
                 )
     finally:
         reader.close()
@@ -163,9 +164,8 @@ def unseen_batch_map(shards: QueryShards, unseen_batch: str) -> BatchIndexMap | 
         refuse_unseen(shards, "--unseen-batch as:NAME encodes them as the model's batch NAME")
     assert target is not None
     n_cells = sum(shards.unseen_cells.values())
-    logger.warning("%d cells in %d batches the model did not see (%s) are encoded as its batch %r", n_cells,
-                   len(shards.unseen_cells), ", ".join(f"{c}: {n}" for c, n in list(shards.unseen_cells.items())[:SHOWN]),
-                   categories[target])
+    logger.warning("%d cells of batches the model did not see (%s) are encoded as its batch %r", n_cells,
+                   ", ".join(f"{c}: {n}" for c, n in list(shards.unseen_cells.items())[:SHOWN]), categories[target])
     return BatchIndexMap(list(range(shards.n_known)) + [target] * len(shards.unseen_cells))
 
 
