@@ -7,9 +7,8 @@ RESULTS = config["results"]
 DEMO_SHARDS = f"{RESULTS}/demo_shards"
 
 
-def user_shards():
-    """The configured shards, globs expanded; empty when the demo data is used."""
-    patterns = config.get("input")
+def expand_shards(patterns, key="input"):
+    """A config key's shards (a glob or a list of paths/globs), expanded; empty when not set."""
     if not patterns:
         return []
     patterns = [patterns] if isinstance(patterns, str) else patterns
@@ -17,9 +16,14 @@ def user_shards():
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not matches:
-            raise WorkflowError(f"config input: no file matches {pattern!r}")
+            raise WorkflowError(f"config {key}: no file matches {pattern!r}")
         paths += matches
     return paths
+
+
+def user_shards():
+    """The configured shards, globs expanded; empty when the demo data is used."""
+    return expand_shards(config.get("input"))
 
 
 def shard_inputs(wildcards=None):
@@ -34,10 +38,12 @@ def shard_args(wildcards, input):
     return shlex.quote(f"{DEMO_SHARDS}/*.h5ad")
 
 
-def step_options(step, exclude=()):
-    """A step's config section as long options, e.g. {batch_size: 10} -> --batch-size 10."""
+def step_options(step, exclude=(), section=None):
+    """A step's config section (or ``section``) as long options, e.g. {batch_size: 10} -> --batch-size 10."""
     options = []
-    for key, value in (config.get(step) or {}).items():
+    for key, value in (
+        section if section is not None else config.get(step) or {}
+    ).items():
         if key in exclude or value is None:
             continue
         flag = f"--{key.replace('_', '-')}"
