@@ -21,6 +21,7 @@ container: config["container"]
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/simulate.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/statistics.smk"
 include: "workflow/rules/embedding.smk"
 include: "workflow/rules/scvi.smk"

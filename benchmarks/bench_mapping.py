@@ -191,9 +191,9 @@ def worker_scvi(spec: dict) -> dict:
         gene_likelihood="nb", dispersion="gene", encode_covariates=True, deeply_inject_covariates=False,
         use_layer_norm="both", use_batch_norm="none",
     )
-    trainer_kwargs = dict(batch_size=BATCH_SIZE, train_size=1.0, accelerator="cpu", devices=1,
-                          enable_progress_bar=False, enable_model_summary=False, logger=False,
-                          enable_checkpointing=False)
+    trainer_kwargs = {"batch_size": BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
+                      "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+                      "enable_checkpointing": False}
     start = time.perf_counter()
     reference.train(max_epochs=spec["reference_epochs"], plan_kwargs={
         "lr": LEARNING_RATE, "n_epochs_kl_warmup": None, "n_steps_kl_warmup": spec["reference_warmup"]},

@@ -158,26 +158,43 @@ def test_empty_shard_is_skipped_with_a_warning(shard_dir: Path, caplog: pytest.L
     assert collection.n_obs == 100 and len(collection.shards) == 3
 
 
+def write_bad_counts(directory: Path, value: float) -> str:
+    """30 cells of float counts, one of them (row 17) holding ``value``."""
+    adata = make_adata(30, GENES, ["a"], dtype=np.float32)
+    x = adata.X.tolil()
+    x[17, 3] = value
+    adata.X = x.tocsr()
+    adata.write_h5ad(directory / "bad.h5ad")
+    return str(directory / "bad.h5ad")
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [(-1.0, "negative counts"), (0.5, "non-integer values"), (np.nan, "NaN or infinite values")],
 )
 def test_bad_counts_name_the_shard_and_cell(tmp_path: Path, values: float, message: str) -> None:
-    adata = make_adata(30, GENES, ["a"], dtype=np.float32)
-    x = adata.X.tolil()
-    x[17, 3] = values
-    adata.X = x.tocsr()
-    adata.write_h5ad(tmp_path / "bad.h5ad")
-    dataset = ShardedCellDataset(open_shards(str(tmp_path / "bad.h5ad")), batch_size=10)
+    path = write_bad_counts(tmp_path, values)
+    # The reader's check of every value it reads (opening with counts required would already see a
+    # non-integer among the first stored values: test_explicit_counts_are_sampled_when_opened).
+    dataset = ShardedCellDataset(open_shards(path, require_counts=False), batch_size=10)
     with pytest.raises(InputError, match=rf"bad\.h5ad: X has {message}.*\(cell row 17\)"):
         list(dataset)
+
+
+@pytest.mark.parametrize(("value", "message"), [(0.5, "non-integer values"), (np.inf, "NaN or infinite values")])
+def test_explicit_counts_are_sampled_when_opened(tmp_path: Path, value: float, message: str) -> None:
+    path = write_bad_counts(tmp_path, value)
+    with pytest.raises(InputError, match=rf"bad\.h5ad: X has {message} \(e\.g\. .*, cell row 17; --counts X\)"):
+        open_shards(path, counts="X")
+    assert open_shards(path, counts="X", require_counts=False).n_obs == 30
 
 
 def test_normalized_data_allowed_when_counts_not_required(tmp_path: Path) -> None:
     adata = make_adata(10, GENES, ["a"], dtype=np.float32)
     adata.X = adata.X.multiply(0.5).tocsr()
     adata.write_h5ad(tmp_path / "norm.h5ad")
-    dataset = ShardedCellDataset(open_shards(str(tmp_path / "norm.h5ad")), batch_size=10, require_counts=False)
+    collection = open_shards(str(tmp_path / "norm.h5ad"), require_counts=False)
+    dataset = ShardedCellDataset(collection, batch_size=10, require_counts=False)
     assert len(list(dataset)) == 1
 
 

@@ -175,12 +175,12 @@ def test_a_mismatched_input_is_an_error_naming_it(tmp_path: Path, shards: list[s
 
 
 def run_killed(method: str, condition: str, call: str) -> None:
-    """Run ``call`` in a fresh interpreter where ``method`` (of cellarium_steps.outputs' ``cells`` or
-    ``shard_anndata``) kills the process (SIGKILL: no clean-up) after it ran once ``condition`` (an expression
+    """Run ``call`` in a fresh interpreter where ``method`` (of cellarium_steps.outputs' ``cells``,
+    ``shard_anndata`` or ``shards``) kills the process (SIGKILL: no clean-up) after it ran once ``condition`` (an expression
     over its positional arguments ``args``) holds."""
     script = "\n".join([
         "import os, signal",
-        "from cellarium_steps.outputs import cells, shard_anndata",
+        "from cellarium_steps.outputs import cells, shard_anndata, shards",
         f"original = {method}",
         "def then_die(self, *args):",
         "    original(self, *args)",

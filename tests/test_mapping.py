@@ -8,7 +8,6 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
-import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 import scipy.sparse as sp
@@ -41,13 +40,18 @@ def small_model(n_batch: int, **options) -> SingleCellVariationalInference:
     return SingleCellVariationalInference(GENES, encoder, decoder, n_batch=n_batch, n_latent=4, **options)
 
 
-def latent(model: SingleCellVariationalInference, x_ng: torch.Tensor, batch_n: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model.predict(x_ng, GENES, batch_n)["x_ng"]
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The surgery, on the model
+
+
+def new_entries(change: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    """Which entries of a parameter lie in its new batches' and categories' ``ranges`` along ``dim``."""
+    mask = torch.zeros(change.shape[dim], dtype=torch.bool)
+    for start, stop in ranges:
+        mask[start:stop] = True
+    shape = [1] * change.dim()
+    shape[dim] = -1
+    return mask.reshape(shape).expand_as(change)
 
 
 @pytest.mark.parametrize("options", [{}, {"batch_embedded": True}, {"dispersion": "gene-batch"},
@@ -55,38 +59,54 @@ def latent(model: SingleCellVariationalInference, x_ng: torch.Tensor, batch_n: t
                                      {"batch_embedded": True, "batch_representation_sampled": True}],
                          ids=["one-hot", "embedded", "gene-batch", "layer-norm", "embedded-sampled"])
 @pytest.mark.parametrize("n_reference_batch", [1, 3])
-def test_surgery_keeps_the_reference_and_trains_only_the_new_batches(options: dict, n_reference_batch: int) -> None:
+@pytest.mark.parametrize("categories", [None, ([2, 1], [3, 2])], ids=["no-covariates", "new-categories"])
+def test_surgery_keeps_the_reference_and_trains_only_the_new_batches(options: dict, n_reference_batch: int,
+                                                                     categories) -> None:
+    """``categories``: the reference's and the query's categories of two categorical covariates; the second
+    has one category in the reference (no column, as in scvi-tools) and gains one in the query."""
     generator = torch.Generator().manual_seed(1)
     x_ng = torch.poisson(torch.rand(64, len(GENES), generator=generator) * 5)
     reference_batch_n = torch.randint(0, n_reference_batch, (64,), generator=generator)
-    reference = small_model(n_reference_batch, **options)
+    reference_cats, query_cats = categories or ([], [])
+    covariates = {"n_cats_per_cov": reference_cats} if categories else {}
+    reference_cat_nd = torch.stack([torch.randint(0, n, (64,), generator=generator) for n in reference_cats], 1) \
+        if categories else None
+    reference = small_model(n_reference_batch, **covariates, **options)
     reference.train()  # move the batch norm statistics away from their initial values
-    reference(x_ng, GENES, reference_batch_n)
-    before = latent(reference, x_ng, reference_batch_n)
+    reference(x_ng, GENES, reference_batch_n, categorical_covariate_index_nd=reference_cat_nd)
 
-    query = SingleCellVariationalInference(**query_model_arguments(reference.hyper_parameters, n_reference_batch + 2))
+    def latent_of(model, batch_n, cat_nd) -> torch.Tensor:
+        model.eval()
+        return model.predict(x_ng, GENES, batch_n, categorical_covariate_index_nd=cat_nd)["x_ng"]
+
+    before = latent_of(reference, reference_batch_n, reference_cat_nd)
+    n_new = 2
+    query = SingleCellVariationalInference(**query_model_arguments(
+        reference.hyper_parameters, n_reference_batch + n_new, query_cats if categories else None))
     transfer_reference_weights(reference, query)
-    assert torch.equal(latent(query, x_ng, reference_batch_n), before)
+    assert torch.equal(latent_of(query, reference_batch_n, reference_cat_nd), before)
     initial = {name: p.detach().clone() for name, p in query.named_parameters()}
-    freeze_reference(query, n_reference_batch)
+    freeze_reference(query, n_reference_batch, reference_cats if categories else None)
     query.train()
     optimizer = torch.optim.Adam([p for p in query.parameters() if p.requires_grad], lr=0.05)
-    query_batch_n = torch.randint(n_reference_batch, n_reference_batch + 2, (64,), generator=generator)
+    query_batch_n = torch.randint(n_reference_batch, n_reference_batch + n_new, (64,), generator=generator)
+    query_cat_nd = torch.stack([torch.randint(0, n, (64,), generator=generator) for n in query_cats], 1) \
+        if categories else None
     for _ in range(4):
         optimizer.zero_grad()
-        query(x_ng, GENES, query_batch_n)["loss"].backward()
+        query(x_ng, GENES, query_batch_n, categorical_covariate_index_nd=query_cat_nd)["loss"].backward()
         optimizer.step()
 
     # The reference's cells: the same latent to the last bit (the same arithmetic on the same weights).
-    assert torch.equal(latent(query, x_ng, reference_batch_n), before)
-    slices = trainable_slices(query, n_reference_batch)
+    assert torch.equal(latent_of(query, reference_batch_n, reference_cat_nd), before)
+    slices = trainable_slices(query, n_reference_batch, reference_cats if categories else None)
     moved = set()
     for name, parameter in query.named_parameters():
         change = (parameter.detach() - initial[name]).abs()
         if name in slices:
-            dim, start, stop = slices[name]
-            assert change.narrow(dim, 0, start).max() == 0, name  # the reference's part stayed
-            assert change.narrow(dim, start, stop - start).max() > 0, name  # the new batches' part trained
+            new = new_entries(change, *slices[name])
+            assert change[~new].max() == 0, name  # the reference's part stayed
+            assert change[new].max() > 0, name  # the new batches' and categories' part trained
             moved.add(name)
         elif change.max() > 0:
             moved.add(name)
@@ -96,13 +116,22 @@ def test_surgery_keeps_the_reference_and_trains_only_the_new_batches(options: di
         assert "batch_mean_bd" in slices and not any("batch_weight" in s for s in slices)
     else:
         assert {"z_encoder.hidden.layers.0.layer.batch_weight", "decoder.hidden.layers.0.layer.batch_weight"} <= set(slices)
+    if categories:  # [batch | 3 + 2 category columns]: the first covariate's third, the second's both (the
+        # reference's one category had no column, so its column stays zero, frozen)
+        assert slices["decoder.hidden.layers.0.layer.categorical_weight"] == (1, [(2, 3), (4, 5)])
+        assert (query.decoder.hidden.layers[0].layer.categorical_weight[:, 3] == 0).all()
 
 
-def test_query_arguments_keep_the_embedding_width_and_refuse_fewer_batches() -> None:
-    reference = small_model(3, batch_embedded=True)
+def test_query_arguments_keep_the_embedding_width_and_refuse_what_adds_nothing() -> None:
+    reference = small_model(3, batch_embedded=True, n_cats_per_cov=[2])
     assert query_model_arguments(reference.hyper_parameters, 5)["n_latent_batch"] == 3
-    with pytest.raises(ValueError, match="more batches"):
+    assert query_model_arguments(reference.hyper_parameters, 3, [4])["n_cats_per_cov"] == [4]
+    with pytest.raises(ValueError, match="adds no batch and no category"):
         query_model_arguments(reference.hyper_parameters, 3)
+    with pytest.raises(ValueError, match="at least the reference's 3 batches"):
+        query_model_arguments(reference.hyper_parameters, 2, [3])
+    with pytest.raises(ValueError, match="at least the reference's categories"):
+        query_model_arguments(reference.hyper_parameters, 4, [1])
     with pytest.raises(ValueError, match="no batches"):
         query_model_arguments({**reference.hyper_parameters, "n_batch": 0}, 2)
 
@@ -166,8 +195,8 @@ def test_surgery_trains_what_scvi_tools_load_query_data_trains(case: str, pbmc_s
     for name, value in ours.state_dict().items():  # the transferred weights are scvi-tools' but for the new batch
         expected = theirs_state[name]
         if name in slices:
-            dim, start, _ = slices[name]
-            value, expected = value.narrow(dim, 0, start), expected.narrow(dim, 0, start)
+            old = ~new_entries(value, *slices[name])
+            value, expected = value[old], expected[old]
         assert torch.equal(value, expected), name
     ours.load_state_dict(theirs_state)  # the new batch's initial columns too
     freeze_reference(ours, 2)
@@ -427,8 +456,8 @@ def test_mapping_against_scvi_tools_on_a_held_out_source(pbmc_multibatch: ad.Ann
     adata_ref, adata_query = (parts[name][:, genes].copy() for name in ("reference", "query"))
     scvi.model.SCVI.setup_anndata(adata_ref, batch_key="source")
     scvi.settings.seed = 0
-    train = dict(batch_size=128, train_size=1.0, accelerator="cpu", enable_progress_bar=False, logger=False,
-                 enable_checkpointing=False, max_epochs=epochs)
+    train = {"batch_size": 128, "train_size": 1.0, "accelerator": "cpu", "enable_progress_bar": False,
+             "logger": False, "enable_checkpointing": False, "max_epochs": epochs}
     reference = scvi.model.SCVI(adata_ref, n_hidden=64, n_latent=10, gene_likelihood="nb", encode_covariates=True,
                                 deeply_inject_covariates=False, use_layer_norm="both", use_batch_norm="none")
     reference.train(plan_kwargs={"n_epochs_kl_warmup": None, "n_steps_kl_warmup": warmup["reference"]}, **train)

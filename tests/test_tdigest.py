@@ -141,8 +141,9 @@ def test_pbmc_mostly_ones_gene_is_exactly_one(pbmc, pbmc_model: TDigest) -> None
 
 def test_summary_df_columns(pbmc_model: TDigest) -> None:
     df = pbmc_model.summary_df()
-    assert list(df.columns) == ["gene", "n_nonzero", "median", "q25", "q75"]
+    assert list(df.columns) == ["gene", "n_nonzero", "median", "q25", "q75", "n_cells"]
     assert len(df) == pbmc_model.n_vars
+    assert (df["n_cells"] == pbmc_model.x_size.item()).all() and (df["n_nonzero"] <= df["n_cells"]).all()
     valid = df["n_nonzero"] > 0
     assert (df.loc[valid, "q25"] <= df.loc[valid, "median"]).all()
     assert (df.loc[valid, "median"] <= df.loc[valid, "q75"]).all()

@@ -1,6 +1,7 @@
-"""Shards to batches: open .h5ad files lazily, validate them, split cells across ranks and workers."""
+"""Shards to batches: open .h5ad files and .zarr stores lazily, validate them, split cells across ranks and workers."""
 
-from cellarium_steps.data.dataset import BatchDict, ShardedCellDataset, collate_identity, csr_to_torch
+import importlib
+
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.plan import EpochPlan
 from cellarium_steps.data.reader import ShardReader
@@ -22,10 +23,13 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # noqa: ANN202
-    # The DataModule pulls in Lightning (seconds of start-up); import it only when it is used.
-    if name == "ShardDataModule":
-        from cellarium_steps.data.datamodule import ShardDataModule
+# Imported when first used: the dataset pulls in torch and the DataModule Lightning (seconds of start-up
+# and, for torch, a few hundred MB), which reading shards without a model (convert, export) never needs.
+_LAZY = {"ShardDataModule": "datamodule", "BatchDict": "dataset", "ShardedCellDataset": "dataset",
+         "collate_identity": "dataset", "csr_to_torch": "dataset"}
 
-        return ShardDataModule
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"cellarium_steps.data.{_LAZY[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
@@ -15,28 +15,40 @@ class ShardDataModule(pl.LightningDataModule):
     """Opens and validates the shards at construction, so bad input fails before any pass.
 
     ``with_totals`` and ``with_obs_names`` leave batch keys that the consumer never reads out of the
-    batches (see :class:`ShardedCellDataset`).
+    batches (see :class:`ShardedCellDataset`). ``batch_key``, ``counts``, ``var_names``, ``gene_join``,
+    ``obs_filter`` and the covariates' options are :func:`open_shards`'s; ``counts`` defaults to ``"auto"``
+    here (the matrix with integer counts, or an error before any pass when ``require_counts`` and none
+    has them).
     """
 
     def __init__(
         self,
         inputs: str | Sequence[str],
         batch_size: int = 10_000,
-        batch_key: str | None = None,
+        batch_key: str | Sequence[str] | None = None,
         obs_columns: Iterable[str] = (),
         num_workers: int = 0,
         shuffle: bool = False,
         seed: int = 0,
         require_counts: bool = True,
-        x_key: str = "X",
+        counts: str = "auto",
+        var_names: str = "index",
+        gene_join: str = "same",
+        obs_filter: str | None = None,
         batch_categories: Sequence[str] | None = None,
+        categorical_covariate_keys: str | Sequence[str] | None = None,
+        continuous_covariate_keys: str | Sequence[str] | None = None,
+        covariate_categories: Mapping[str, Sequence[str]] | None = None,
         collection: ShardCollection | None = None,
         with_totals: bool = True,
         with_obs_names: bool = True,
     ):
         super().__init__()
         self.collection = collection or open_shards(
-            inputs, batch_key=batch_key, obs_columns=obs_columns, x_key=x_key, batch_categories=batch_categories
+            inputs, batch_key=batch_key, obs_columns=obs_columns, batch_categories=batch_categories, counts=counts,
+            var_names=var_names, gene_join=gene_join, obs_filter=obs_filter, require_counts=require_counts,
+            categorical_covariate_keys=categorical_covariate_keys, continuous_covariate_keys=continuous_covariate_keys,
+            covariate_categories=covariate_categories,
         )
         self.num_workers = num_workers
         self.dataset = ShardedCellDataset(

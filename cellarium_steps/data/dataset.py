@@ -14,7 +14,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.data.plan import BatchPiece, EpochPlan
-from cellarium_steps.data.reader import ShardReader, column_positions, select_columns
+from cellarium_steps.data.reader import ShardReader, column_positions, remap_columns
 from cellarium_steps.data.shards import Shard, ShardCollection
 
 # torch flags its sparse CSR layout as beta on every construction; we rely on its stable subset.
@@ -48,12 +48,22 @@ def torch_to_csr(x_ng: torch.Tensor) -> sp.csr_matrix:
 class ShardedCellDataset(IterableDataset):
     """Yields batch dicts; each cell of the collection exactly once per epoch over all ranks and workers.
 
-    Keys: ``x_ng`` (sparse CSR counts; each row's entries in the order the file stores them, which need
-    not be sorted), ``var_names_g``, ``obs_names_n``, ``batch_index_n``,
+    Keys: ``x_ng`` (sparse CSR counts in the collection's gene order; each row's entries in the order
+    the file stores them, which need not be sorted), ``var_names_g``, ``obs_names_n``, ``batch_index_n``,
     ``total_mrna_umis_n`` (unless ``with_totals=False``: a pass over every count that a consumer
-    which does not read it need not pay), and ``<column>_n`` for each requested obs column.
-    ``obs_names_n`` is left out with ``with_obs_names=False``, for training that never names a cell
-    (decoding the names costs about a tenth of reading a cell).
+    which does not read it need not pay; it sums every gene of the cell's file), and ``<column>_n``
+    for each requested obs column. ``obs_names_n`` is left out with ``with_obs_names=False``, for
+    training that never names a cell (decoding the names costs about a tenth of reading a cell).
+
+    When some shard lacks some of the collection's genes (``gene_join="outer"``), those genes read
+    as zeros and two more keys say which values were measured: ``gene_measured_sg`` (bool, one row
+    per shard the batch's cells come from, in order of appearance; columns as ``var_names_g``) and
+    ``shard_index_n`` (int64, each cell's row of ``gene_measured_sg``). Cell n measured gene g iff
+    ``gene_measured_sg[shard_index_n[n], g]``. Statistics models take both as optional arguments.
+
+    A collection with covariates adds ``categorical_covariate_index_nd`` (int64, one column per
+    categorical covariate: the code of the cell's category) and ``continuous_covariates_nc``
+    (float64, one column per continuous covariate), scVI's names.
     """
 
     def __init__(
@@ -74,6 +84,8 @@ class ShardedCellDataset(IterableDataset):
         self.with_obs_names = with_obs_names
         self.gene_index: np.ndarray | None = None
         self.var_names_g = collection.var_names_g
+        # Per distinct shard column map: the file's genes -> the batch's columns (alignment and selection).
+        self._output_maps: dict[int, tuple[np.ndarray | None, np.ndarray | None]] = {}
         if genes is not None:
             self.select_genes(genes)
         self.batch_size = batch_size
@@ -102,6 +114,7 @@ class ShardedCellDataset(IterableDataset):
                              f"{self.collection.shards[0].path}, e.g. {missing[:5]}")
         self.gene_index = gene_index
         self.var_names_g = np.asarray([str(g) for g in genes], dtype=object)
+        self._output_maps = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -141,30 +154,70 @@ class ShardedCellDataset(IterableDataset):
             reader.close()
 
     def _read_piece(self, reader: ShardReader, piece: BatchPiece, window_cache: dict) -> _RowBlock:
-        shard = self.collection.shards[piece.shard_index]
         if piece.window_rows is None:
-            return self._read_rows(reader, shard, piece.rows)
+            return self._read_rows(reader, piece.shard_index, piece.rows)
         key = (piece.shard_index, piece.window)
         if key not in window_cache:
             # One window at a time: memory stays at one window, whatever the shard size.
             window_cache.clear()
-            window_cache[key] = self._read_rows(reader, shard, piece.window_rows)
+            window_cache[key] = self._read_rows(reader, piece.shard_index, piece.window_rows)
         return window_cache[key].select(np.searchsorted(piece.window_rows, piece.rows))
 
-    def _read_rows(self, reader: ShardReader, shard: Shard, rows: np.ndarray) -> _RowBlock:
-        # Totals and the gene selection once per rows read (a whole shuffle window), so that each
-        # batch then picks its cells from the selected columns only.
-        x = reader.read_x(shard, rows)
+    def _read_rows(self, reader: ShardReader, shard_index: int, rows: np.ndarray) -> _RowBlock:
+        # Totals and the gene alignment and selection once per rows read (a whole shuffle window), so
+        # that each batch then picks its cells from the batch's columns only.
+        shard = self.collection.shards[shard_index]
+        x = reader.read_file_x(shard, rows)
         total_n = np.asarray(x.sum(axis=1, dtype=np.float64)).ravel() if self.with_totals else None
-        if self.gene_index is not None:
-            x = select_columns(x, self.gene_index)
+        output_map = self._output_map(shard)
+        if output_map is not None:
+            x = remap_columns(x, output_map, len(self.var_names_g))
         return _RowBlock(
+            shard_index=shard_index,
             x=x,
             total_n=total_n,
             obs_names=reader.read_obs_names(shard, rows) if self.with_obs_names else None,
             batch_codes=reader.read_batch_index(shard, rows),
             columns={key: reader.read_obs_column(shard, key, rows) for key in self.collection.obs_columns},
+            categorical_nd=reader.read_categorical_covariates(shard, rows)
+            if self.collection.categorical_covariate_keys else None,
+            continuous_nc=reader.read_continuous_covariates(shard, rows)
+            if self.collection.continuous_covariate_keys else None,
         )
+
+    def _output_map(self, shard: Shard) -> np.ndarray | None:
+        """The file's genes -> the batch's columns: the shard's alignment then the gene selection, composed.
+
+        Kept per distinct column map (shards with the same genes share one), checked by identity so
+        that a cache carried into a loader worker by pickling is never misread.
+        """
+        entry = self._output_maps.get(id(shard.column_map))
+        if entry is not None and entry[0] is shard.column_map:
+            return entry[1]
+        output = shard.column_map
+        if self.gene_index is not None:
+            selected_c = np.full(self.collection.n_vars, -1, dtype=np.int32)
+            selected_c[self.gene_index] = np.arange(len(self.gene_index), dtype=np.int32)
+            output = selected_c if shard.column_map is None else np.where(
+                shard.column_map >= 0, selected_c[shard.column_map], -1
+            ).astype(np.int32)
+        self._output_maps[id(shard.column_map)] = (shard.column_map, output)
+        return output
+
+    def _measured(self, blocks: list[_RowBlock]) -> dict[str, torch.Tensor]:
+        """``shard_index_n`` and ``gene_measured_sg`` over the shards of the batch (see the class docstring)."""
+        rows: dict[int, int] = {}
+        shard_index_n, measured_sg = [], []
+        for block in blocks:
+            if block.shard_index not in rows:
+                rows[block.shard_index] = len(rows)
+                measured_g = self.collection.gene_measured_g(block.shard_index)
+                measured_sg.append(measured_g if self.gene_index is None else measured_g[self.gene_index])
+            shard_index_n.append(np.full(block.x.shape[0], rows[block.shard_index], dtype=np.int64))
+        return {
+            "shard_index_n": torch.from_numpy(np.concatenate(shard_index_n)),
+            "gene_measured_sg": torch.from_numpy(np.stack(measured_sg)),
+        }
 
     def _to_batch(self, blocks: list[_RowBlock]) -> BatchDict:
         x = blocks[0].x if len(blocks) == 1 else sp.vstack([b.x for b in blocks], format="csr")
@@ -180,6 +233,12 @@ class ShardedCellDataset(IterableDataset):
             batch["total_mrna_umis_n"] = torch.from_numpy(total_n).float()
         for key in self.collection.obs_columns:
             batch[f"{key}_n"] = np.concatenate([b.columns[key] for b in blocks])
+        if self.collection.partial_genes:
+            batch.update(self._measured(blocks))
+        if self.collection.categorical_covariate_keys:
+            batch["categorical_covariate_index_nd"] = torch.from_numpy(np.concatenate([b.categorical_nd for b in blocks]))
+        if self.collection.continuous_covariate_keys:
+            batch["continuous_covariates_nc"] = torch.from_numpy(np.concatenate([b.continuous_nc for b in blocks]))
         return batch
 
 
@@ -187,19 +246,25 @@ class ShardedCellDataset(IterableDataset):
 class _RowBlock:
     """Matrix rows and obs values of one set of rows of a shard."""
 
+    shard_index: int
     x: sp.csr_matrix
     total_n: np.ndarray | None
     obs_names: np.ndarray | None
     batch_codes: np.ndarray
     columns: dict[str, np.ndarray]
+    categorical_nd: np.ndarray | None = None
+    continuous_nc: np.ndarray | None = None
 
     def select(self, index: np.ndarray) -> _RowBlock:
         return _RowBlock(
+            shard_index=self.shard_index,
             x=self.x[index],
             total_n=None if self.total_n is None else self.total_n[index],
             obs_names=None if self.obs_names is None else self.obs_names[index],
             batch_codes=self.batch_codes[index],
             columns={key: values[index] for key, values in self.columns.items()},
+            categorical_nd=None if self.categorical_nd is None else self.categorical_nd[index],
+            continuous_nc=None if self.continuous_nc is None else self.continuous_nc[index],
         )
 
 

@@ -1,16 +1,22 @@
-"""Read rows of a shard's count matrix and obs columns with h5py, never the whole file."""
+"""Read rows of a shard's count matrix and obs columns, never the whole file.
+
+Rows are asked for by position among the shard's kept cells (see :class:`Shard`); the reader turns
+them into the file's rows, reads those in contiguous runs, checks the counts, and lays the columns
+out in the collection's gene order (:func:`remap_columns`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from cellarium_steps.data.direct import DirectFile
+from cellarium_steps.data.covariates import categorical_codes
+from cellarium_steps.data.csc import CSCRows, csc_refused
 from cellarium_steps.data.errors import InputError
-from cellarium_steps.data.shards import Shard, ShardCollection, read_array
+from cellarium_steps.data.shards import Shard, ShardCollection
+from cellarium_steps.data.sources import Store, encoding_type, is_group, read_array, read_range, read_runs
 
 # Per dataset and open file. Rows are read in contiguous runs, so a small cache suffices, and a
 # large one multiplied by (datasets x open shards) would dominate the step's memory.
@@ -30,60 +36,84 @@ def row_runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 class ShardReader:
-    """Reads row sets from the shards of a collection; one per process (h5py handles don't fork)."""
+    """Reads row sets from the shards of a collection; one per process (file handles don't fork)."""
 
     def __init__(self, collection: ShardCollection, require_counts: bool = True,
                  layouts: dict[str, dict] | None = None):
         self.collection = collection
         self.require_counts = require_counts
-        self._files: dict[str, DirectFile] = {}  # by path, most recently used last
+        # By path, most recently used last: the open store and its kept rows (None: every row).
+        self._files: dict[str, tuple[Store, np.ndarray | None]] = {}
         # Byte layouts of the count arrays, per shard path (see DirectFile); pass the same dict to the
         # next epoch's reader so it does not survey the files again.
         self._layouts = {} if layouts is None else layouts
-        self._categories: dict[tuple[str, str], np.ndarray | None] = {}
-        self._position: dict[str, int] | None = None
+        self._categories: dict[tuple[str, str], np.ndarray] = {}
+        #: by shard path: the rows of a CSC matrix (see data/csc.py), which only ``convert`` prepares
+        self.csc_rows: dict[str, CSCRows] = {}
 
     def close(self) -> None:
-        for opened in self._files.values():
-            _close(opened)
+        for store, _ in self._files.values():
+            store.close()
         self._files.clear()
 
-    def _file(self, shard: Shard) -> h5py.File:
-        return self._open(shard).h5file
-
-    def _open(self, shard: Shard) -> DirectFile:
+    def _open(self, shard: Shard) -> tuple[Store, np.ndarray | None]:
         opened = self._files.pop(shard.path, None)
         if opened is None:
-            f = h5py.File(shard.path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
-            opened = DirectFile(f, self._layouts.setdefault(shard.path, {}))
+            store = Store(shard.path, for_rows=True, layouts=self._layouts.setdefault(shard.path, {}),
+                          chunk_cache_bytes=_CHUNK_CACHE_BYTES)
+            # Unpacked once per opening: one shard's kept rows, not the collection's.
+            opened = (store, None if shard.kept_bits is None else shard.kept_rows())
             while len(self._files) >= _MAX_OPEN_FILES:
-                _close(self._files.pop(next(iter(self._files))))
+                self._files.pop(next(iter(self._files)))[0].close()
         self._files[shard.path] = opened
         return opened
 
-    def read_x(self, shard: Shard, rows: np.ndarray) -> sp.csr_matrix:
-        """Rows (sorted) of the count matrix as CSR, checked for NaN and, if required, counts."""
-        opened = self._open(shard)
-        x_elem = opened.h5file[self.collection.x_key]
-        n_vars = self.collection.n_vars
+    def _rows(self, shard: Shard, positions: np.ndarray) -> tuple[Store, np.ndarray]:
+        """The open store and the file rows of the kept cells at ``positions``."""
+        store, kept = self._open(shard)
+        return store, positions if kept is None else kept[positions]
+
+    def _obs_runs(self, shard: Shard, positions: np.ndarray) -> tuple[object, np.ndarray, list[tuple[int, int]]]:
+        store, rows = self._rows(shard, positions)
+        return store["obs"], rows, row_runs(rows)
+
+    def read_x(self, shard: Shard, positions: np.ndarray) -> sp.csr_matrix:
+        """Rows (sorted positions) of the counts as CSR in the collection's genes, checked."""
+        x = self.read_file_x(shard, positions)
+        if shard.column_map is None:
+            return x
+        return remap_columns(x, shard.column_map, self.collection.n_vars)
+
+    def read_file_x(self, shard: Shard, positions: np.ndarray) -> sp.csr_matrix:
+        """Rows (sorted positions) of the counts as CSR in the file's genes, checked for NaN and, if
+        required, counts."""
+        store, rows = self._rows(shard, positions)
+        key = self.collection.x_key
         runs = row_runs(rows)
-        if shard.x_encoding == "array":
-            dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_vars))
+        # The file's genes: the collection's, or as many as the shard's column map has.
+        n_cols = self.collection.n_vars if shard.column_map is None else len(shard.column_map)
+        if shard.x_encoding == "csc_matrix":
+            if shard.path not in self.csc_rows:
+                raise csc_refused(shard.path, key)
+            x = self.csc_rows[shard.path].rows(rows)
+        elif shard.x_encoding == "array":
+            x_elem = store[key]
+            dense = np.concatenate([x_elem[a:b] for a, b in runs]) if runs else np.zeros((0, n_cols))
             x = sp.csr_matrix(dense)
         else:
-            x_name = x_elem.name
-            lo, hi = runs[0][0], runs[-1][1]
-            indptr_span = x_elem["indptr"][lo : hi + 1].astype(np.int64)
             datas, indices, lengths = [], [], []
-            for a, b in runs:
-                p0, p1 = int(indptr_span[a - lo]), int(indptr_span[b - lo])
-                datas.append(opened.read(f"{x_name}/data", p0, p1))
-                indices.append(opened.read(f"{x_name}/indices", p0, p1))
-                lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
-            data = datas[0] if len(datas) == 1 else np.concatenate(datas)
-            index = indices[0] if len(indices) == 1 else np.concatenate(indices)
-            indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths))])
-            x = sp.csr_matrix((data, index, indptr), shape=(len(rows), n_vars))
+            if runs:
+                lo, hi = runs[0][0], runs[-1][1]
+                indptr_span = store.read(f"{key}/indptr", lo, hi + 1).astype(np.int64)
+                for a, b in runs:
+                    p0, p1 = int(indptr_span[a - lo]), int(indptr_span[b - lo])
+                    datas.append(store.read(f"{key}/data", p0, p1))
+                    indices.append(store.read(f"{key}/indices", p0, p1))
+                    lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
+            data = datas[0] if len(datas) == 1 else np.concatenate(datas or [np.zeros(0, np.float32)])
+            index = indices[0] if len(indices) == 1 else np.concatenate(indices or [np.zeros(0, np.int32)])
+            indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
+            x = sp.csr_matrix((data, index, indptr), shape=(len(rows), n_cols))
         self._check_values(shard, rows, x)
         return x
 
@@ -91,88 +121,83 @@ class ShardReader:
         data = x.data
         if data.size == 0:
             return
+        key = self.collection.x_key
         if self.require_counts and data.min() < 0:
             bad = _first_row(x, data < 0)
             raise InputError(
-                f"{shard.path}: {self.collection.x_key} has negative counts (cell row {rows[bad]}); "
-                "raw UMI counts are required"
+                f"{shard.path}: {key} has negative counts (cell row {rows[bad]}); raw UMI counts are required"
             )
         if shard.x_is_integer:
             return
         finite = np.isfinite(data)
         if not finite.all():
             bad = _first_row(x, ~finite)
-            raise InputError(f"{shard.path}: {self.collection.x_key} has NaN or infinite values (cell row {rows[bad]})")
+            raise InputError(f"{shard.path}: {key} has NaN or infinite values (cell row {rows[bad]})")
         if self.require_counts:
             fractional = data != np.round(data)
             if fractional.any():
                 bad = _first_row(x, fractional)
                 raise InputError(
-                    f"{shard.path}: {self.collection.x_key} has non-integer values (cell row {rows[bad]}); "
-                    "raw UMI counts are required, not normalized data"
+                    f"{shard.path}: {key} has non-integer values (cell row {rows[bad]}); "
+                    "raw UMI counts are required, not normalized data (--counts chooses the matrix)"
                 )
 
-    def read_obs_names(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
-        obs = self._file(shard)["obs"]
-        index = obs[obs.attrs.get("_index", "_index")]
-        return np.concatenate([index.asstr()[a:b] for a, b in row_runs(rows)]).astype(object)
+    def read_obs_names(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        obs, _, runs = self._obs_runs(shard, positions)
+        return read_runs(obs[obs.attrs.get("_index", "_index")], runs).astype(str).astype(object)
 
-    def read_obs_column(self, shard: Shard, key: str, rows: np.ndarray) -> np.ndarray:
+    def read_obs_column(self, shard: Shard, key: str, positions: np.ndarray) -> np.ndarray:
         """Values of an obs column for the rows; categorical columns decode to their categories."""
-        obs = self._file(shard)["obs"]
+        obs, _, runs = self._obs_runs(shard, positions)
         elem = obs[key]
-        runs = row_runs(rows)
-        if elem.attrs.get("encoding-type") == "categorical":
-            codes = np.concatenate([elem["codes"][a:b] for a, b in runs]).astype(np.int64)
-            categories = self._shard_categories(shard, key)
-            values = np.where(codes >= 0, categories[np.maximum(codes, 0)], None)
-            return values.astype(object)
-        if isinstance(elem, h5py.Dataset) and elem.dtype.kind in "OSU":
-            return np.concatenate([elem.asstr()[a:b] for a, b in runs]).astype(object)
-        return np.concatenate([elem[a:b] for a, b in runs])
+        encoding = encoding_type(elem)
+        if encoding == "categorical":
+            codes = read_runs(elem["codes"], runs).astype(np.int64)
+            categories = self._shard_categories(shard, key, elem)
+            return np.where(codes >= 0, categories[np.maximum(codes, 0)], None).astype(object)
+        if is_group(elem):  # nullable integers or booleans: values and a mask
+            values = read_runs(elem["values"], runs).astype(object)
+            if "mask" in elem:
+                values[read_runs(elem["mask"], runs).astype(bool)] = None
+            return values
+        return read_runs(elem, runs)
 
-    def _shard_categories(self, shard: Shard, key: str) -> np.ndarray:
+    def _shard_categories(self, shard: Shard, key: str, elem: object) -> np.ndarray:
         cache_key = (shard.path, key)
         if cache_key not in self._categories:
-            self._categories[cache_key] = read_array(self._file(shard)["obs"][key]["categories"]).astype(
-                object
-            )
+            self._categories[cache_key] = read_array(elem["categories"]).astype(object)
         return self._categories[cache_key]
 
-    def _batch_position(self) -> dict[str, int]:
-        if self._position is None:
-            self._position = {str(c): i for i, c in enumerate(self.collection.batch_categories)}
-        return self._position
+    def read_categorical_covariates(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        """The rows' codes of the collection's categorical covariates, shape (rows, covariates), int64."""
+        obs, _, runs = self._obs_runs(shard, positions)
+        return categorical_codes(shard.covariate_codings, obs, runs, shard.path)
 
-    def read_batch_index(self, shard: Shard, rows: np.ndarray) -> np.ndarray:
-        """Global batch codes for the rows (zeros when the collection has no batch key)."""
-        key = self.collection.batch_key
-        if not key:
-            return np.zeros(len(rows), dtype=np.int64)
-        elem = self._file(shard)["obs"][key]
-        runs = row_runs(rows)
-        if shard.batch_code_map is not None:
-            codes = np.concatenate([elem["codes"][a:b] for a, b in runs]).astype(np.int64)
-            if codes.size and codes.min() < 0:
-                bad = rows[int(np.argmin(codes))]
-                raise InputError(f"{shard.path}: obs[{key!r}] is missing for cell row {bad}")
-            batch_n = shard.batch_code_map[codes]
-        else:
-            values = np.concatenate([elem.asstr()[a:b] for a, b in runs])
-            position = self._batch_position()
-            batch_n = np.array([position.get(v, -1) for v in values], dtype=np.int64)
+    def read_continuous_covariates(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        """The rows' continuous covariates, shape (rows, covariates), float64 (checked when opened)."""
+        keys = self.collection.continuous_covariate_keys
+        values_nc = np.empty((len(positions), len(keys)), dtype=np.float64)
+        for c, key in enumerate(keys):
+            values_nc[:, c] = np.asarray(self.read_obs_column(shard, key, positions), dtype=np.float64)
+        return values_nc
+
+    def read_batch_index(self, shard: Shard, positions: np.ndarray) -> np.ndarray:
+        """Collection batch codes for the rows (zeros when the collection has no batch key)."""
+        if shard.batch_coding is None:
+            return np.zeros(len(positions), dtype=np.int64)
+        obs, rows, runs = self._obs_runs(shard, positions)
+        batch_n, missing_key = shard.batch_coding.batch_index(obs, runs)
+        if missing_key is not None and (batch_n == -2).any():
+            bad = rows[int(np.argmax(batch_n == -2))]
+            raise InputError(f"{shard.path}: obs[{missing_key!r}] is missing for cell row {bad}")
         if batch_n.size and batch_n.min() < 0:
             i = int(np.argmin(batch_n))
+            name = read_range(obs[obs.attrs.get("_index", "_index")], int(rows[i]), int(rows[i]) + 1)[0]
             raise InputError(
-                f"{shard.path}: cell {self.read_obs_names(shard, rows[i : i + 1])[0]!r} (row {rows[i]}) has "
-                f"obs[{key!r}] outside the expected batches {list(self.collection.batch_categories)[:8]}"
+                f"{shard.path}: cell {str(name)!r} (row {rows[i]}) has obs[{self.collection.batch_key!r}] outside "
+                f"the expected batches {list(self.collection.batch_categories)[:8]}"
             )
         return batch_n
-
-
-def _close(opened: DirectFile) -> None:
-    opened.close()
-    opened.h5file.close()
 
 
 def _first_row(x: sp.csr_matrix, mask: np.ndarray) -> int:
@@ -201,11 +226,17 @@ def select_columns(x: sp.csr_matrix, index: np.ndarray) -> sp.csr_matrix:
     """
     new_column_g = np.full(x.shape[1], -1, dtype=np.int32 if len(index) < 2**31 else np.int64)
     new_column_g[index] = np.arange(len(index), dtype=new_column_g.dtype)
-    mapped_e = new_column_g.take(x.indices)  # take: 1.6 times faster than fancy indexing here
+    return remap_columns(x, new_column_g, len(index))
+
+
+def remap_columns(x: sp.csr_matrix, new_column_f: np.ndarray, n_columns: int) -> sp.csr_matrix:
+    """Column ``f`` of ``x`` becomes column ``new_column_f[f]`` of the result (-1: dropped); each row
+    keeps its entries' order (see :func:`select_columns`). Missing columns are simply empty."""
+    mapped_e = new_column_f.take(x.indices)  # take: 1.6 times faster than fancy indexing here
     kept_e = np.flatnonzero(mapped_e >= 0)
     # Row i's kept entries are those among its stored entries x.indptr[i]:x.indptr[i + 1].
     indptr = np.searchsorted(kept_e, x.indptr).astype(x.indptr.dtype, copy=False)
-    return sp.csr_matrix((x.data[kept_e], mapped_e[kept_e], indptr), shape=(x.shape[0], len(index)))
+    return sp.csr_matrix((x.data[kept_e], mapped_e[kept_e], indptr), shape=(x.shape[0], n_columns))
 
 
 def read_rows(reader: ShardReader, pieces: Sequence[tuple[Shard, np.ndarray]]) -> sp.csr_matrix:

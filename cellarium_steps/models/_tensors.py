@@ -6,7 +6,10 @@ import torch
 
 from cellarium_steps._batch import densify, is_sparse
 
-__all__ = ["densify", "global_count", "grouped_column_moments", "is_sparse", "nonzero_entries"]
+__all__ = [
+    "check_measured", "densify", "global_count", "grouped_column_moments", "is_sparse", "nonzero_entries",
+    "unmeasured_cells",
+]
 
 
 def nonzero_entries(x_ng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -89,3 +92,33 @@ def global_count(m: int, device: torch.device) -> tuple[int, int]:
     total = torch.tensor([m], dtype=torch.long, device=device)
     dist.all_reduce(total)
     return int(total.item()), dist.get_world_size()
+
+
+def check_measured(
+    shard_index_n: torch.Tensor | None, gene_measured_sg: torch.Tensor | None, n_cells: int, n_genes: int
+) -> None:
+    """The measured-mask inputs (see ``ShardedCellDataset``) come together and fit the batch."""
+    if gene_measured_sg is None and shard_index_n is None:
+        return
+    if gene_measured_sg is None or shard_index_n is None:
+        raise ValueError("gene_measured_sg and shard_index_n go together: pass both or neither")
+    if gene_measured_sg.ndim != 2 or gene_measured_sg.shape[1] != n_genes:
+        raise ValueError(f"gene_measured_sg has shape {tuple(gene_measured_sg.shape)}, expected (shards, {n_genes})")
+    if shard_index_n.shape != (n_cells,):
+        raise ValueError(f"shard_index_n has shape {tuple(shard_index_n.shape)}, expected ({n_cells},)")
+    if n_cells and (shard_index_n.min() < 0 or shard_index_n.max() >= gene_measured_sg.shape[0]):
+        raise ValueError(f"shard_index_n outside [0, {gene_measured_sg.shape[0]})")
+
+
+def unmeasured_cells(
+    group_n: torch.Tensor, n_groups: int, shard_index_n: torch.Tensor, gene_measured_sg: torch.Tensor
+) -> torch.Tensor:
+    """Cells of each group whose shard did not measure each gene: float64, (n_groups, g).
+
+    Cells of one group and shard share a row of the mask, so this is a (groups x shards) count
+    times the (shards x genes) mask: no per-cell, per-gene work.
+    """
+    n_shards = gene_measured_sg.shape[0]
+    flat_n = group_n.long() * n_shards + shard_index_n.long()
+    cells_bs = torch.bincount(flat_n, minlength=n_groups * n_shards).view(n_groups, n_shards).to(torch.float64)
+    return cells_bs @ (~gene_measured_sg.bool()).to(torch.float64)

@@ -13,7 +13,13 @@ import torch
 import torch.distributed as dist
 
 from cellarium_steps.atomic import write_csv_atomically
-from cellarium_steps.models._tensors import grouped_column_moments, is_sparse, nonzero_entries
+from cellarium_steps.models._tensors import (
+    check_measured,
+    grouped_column_moments,
+    is_sparse,
+    nonzero_entries,
+    unmeasured_cells,
+)
 from cellarium_steps.models.base import CellariumModel, check_var_names
 
 if TYPE_CHECKING:
@@ -113,6 +119,12 @@ class HVGSeuratV3(CellariumModel):
     The first fit that succeeds is used and a warning names the batch and the fallback. Fitted
     values are those at the jittered ``x``.
 
+    Shards that did not measure every gene (the data layer's ``gene_join="outer"``) pass
+    ``shard_index_n`` and ``gene_measured_sg`` (their unmeasured values read as zeros): each gene's
+    moments, clip values and normalized variance then count only the cells that measured it
+    (``n_cells_bg``), and a gene measured by fewer than two cells of a batch is not ranked in it
+    (``variances_norm`` averages the batches that rank it). Without them, every cell counts.
+
     Args:
         var_names_g: Gene names, length n_genes; every batch must carry the same.
         n_top_genes: Number of highly variable genes, or a list of numbers: ``hvg_dfs`` then
@@ -187,6 +199,11 @@ class HVGSeuratV3(CellariumModel):
         self.register_buffer("x_sums_bg", torch.zeros(b, g, dtype=f64))
         self.register_buffer("x_squared_sums_bg", torch.zeros(b, g, dtype=f64))
         self.register_buffer("x_size_b", torch.zeros(b, dtype=f64))
+        # Cells of each batch whose shard did not measure each gene, counted in each pass (zero without a mask).
+        self.x_unmeasured_size_bg: torch.Tensor
+        self.clip_unmeasured_size_bg: torch.Tensor
+        self.register_buffer("x_unmeasured_size_bg", torch.zeros(b, g, dtype=f64))
+        self.register_buffer("clip_unmeasured_size_bg", torch.zeros(b, g, dtype=f64))
         # Between the passes: ddof=1 statistics and the LOESS results.
         self.mean_bg: torch.Tensor
         self.var_bg: torch.Tensor
@@ -231,8 +248,8 @@ class HVGSeuratV3(CellariumModel):
     # ------------------------------------------------------------------ state
 
     def reset_parameters(self) -> None:
-        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.mean_bg, self.var_bg,
-                       self.clip_val_bg, self.ranked_b):
+        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_unmeasured_size_bg, self.mean_bg,
+                       self.var_bg, self.clip_val_bg, self.ranked_b):
             buffer.zero_()
         self.reg_std_bg.fill_(1.0)
         self._reset_clip_pass()
@@ -247,7 +264,18 @@ class HVGSeuratV3(CellariumModel):
             buffer.zero_()
 
     def _clip_pass_buffers(self) -> tuple[torch.Tensor, ...]:
-        return (self.clipped_sums_bg, self.clipped_squared_sums_bg, self.n_clipped_bg, self.clip_size_b)
+        return (self.clipped_sums_bg, self.clipped_squared_sums_bg, self.n_clipped_bg, self.clip_size_b,
+                self.clip_unmeasured_size_bg)
+
+    @property
+    def n_cells_bg(self) -> torch.Tensor:
+        """Cells of each batch that measured each gene (float64)."""
+        return self.x_size_b[:, None] - self.x_unmeasured_size_bg
+
+    @property
+    def n_cells_g(self) -> torch.Tensor:
+        """Cells that measured each gene, whatever their batch (float64)."""
+        return self.x_size_b.sum() - self.x_unmeasured_size_bg.sum(0)
 
     @property
     def hvg_df(self) -> pd.DataFrame | None:
@@ -264,11 +292,14 @@ class HVGSeuratV3(CellariumModel):
         n_cells_b: np.ndarray | torch.Tensor,
         mean_bg: np.ndarray | torch.Tensor,
         var_bg: np.ndarray | torch.Tensor,
+        n_cells_bg: np.ndarray | torch.Tensor | None = None,
     ) -> None:
         """Use per-batch statistics from an earlier pass and fit the LOESS now, so one epoch suffices.
 
         ``var_bg`` is the population variance (ddof=0) that ``OnePassMeanVarStd`` reports; it is
         rescaled to ddof=1 here as scanpy uses. Rows are batches in this model's batch order.
+        ``n_cells_bg``: the cells of each batch that measured each gene, when shards measured
+        different genes (``OnePassMeanVarStd.n_cells_bg``); the clipped pass checks it.
         """
         n_cells_b = torch.as_tensor(np.asarray(n_cells_b, dtype=np.float64)).reshape(-1)
         mean_bg = torch.as_tensor(np.asarray(mean_bg, dtype=np.float64))
@@ -283,7 +314,22 @@ class HVGSeuratV3(CellariumModel):
             raise ValueError("set_batch_statistics: n_cells_b must be non-negative cell counts")
         device = self.x_sums_bg.device
         n_b1 = n_cells_b[:, None]
+        unmeasured_bg = torch.zeros(expected, dtype=torch.float64)
+        if n_cells_bg is not None:
+            n_cells_bg = torch.as_tensor(np.asarray(n_cells_bg, dtype=np.float64))
+            if n_cells_bg.shape != expected or (n_cells_bg > n_b1).any() or (n_cells_bg < 0).any():
+                raise ValueError(
+                    f"set_batch_statistics: n_cells_bg must have shape {expected} and lie in [0, n_cells_b]"
+                )
+            unmeasured_bg = n_b1 - n_cells_bg
+            n_b1 = n_cells_bg
+        # No cell of a batch measured the gene: no mean or variance there (NaN in OnePassMeanVarStd's
+        # table); zero sums, as the moments pass would have left them.
+        none_bg = (n_b1 == 0).expand(expected)
+        mean_bg = torch.where(none_bg, torch.zeros_like(mean_bg), mean_bg)
+        var_bg = torch.where(none_bg, torch.zeros_like(var_bg), var_bg)
         self.x_size_b.copy_(n_cells_b.to(device))
+        self.x_unmeasured_size_bg.copy_(unmeasured_bg.to(device))
         var_ddof1_bg = torch.where(n_b1 > 1, var_bg * (n_b1 / (n_b1 - 1).clamp(min=1)), torch.zeros_like(var_bg))
         self.mean_bg.copy_(mean_bg.to(device))
         self.var_bg.copy_(var_ddof1_bg.to(device))
@@ -300,10 +346,16 @@ class HVGSeuratV3(CellariumModel):
     # ------------------------------------------------------------------ forward
 
     def forward(
-        self, x_ng: torch.Tensor, var_names_g: np.ndarray, batch_index_n: torch.Tensor | None = None
+        self,
+        x_ng: torch.Tensor,
+        var_names_g: np.ndarray,
+        batch_index_n: torch.Tensor | None = None,
+        shard_index_n: torch.Tensor | None = None,
+        gene_measured_sg: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         check_var_names(self.var_names_g, var_names_g)
         n_cells = x_ng.shape[0]
+        check_measured(shard_index_n, gene_measured_sg, n_cells, self.n_vars)
         if not self.use_batch_key or self.n_batch == 1:
             batch_index_n = torch.zeros(n_cells, dtype=torch.long, device=x_ng.device)
         elif batch_index_n is None:
@@ -314,6 +366,10 @@ class HVGSeuratV3(CellariumModel):
                 raise ValueError(f"batch_index_n outside [0, {self.n_batch}): {int(batch_index_n.max())}")
         if n_cells == 0:
             return {}
+        if self.phase in (_PHASE_MOMENTS, _PHASE_CLIP) and gene_measured_sg is not None:
+            unmeasured_bg = unmeasured_cells(batch_index_n, self.n_batch, shard_index_n, gene_measured_sg)
+            counter = self.x_unmeasured_size_bg if self.phase == _PHASE_MOMENTS else self.clip_unmeasured_size_bg
+            counter += unmeasured_bg.to(counter.device)
         if self.phase == _PHASE_MOMENTS:
             self._accumulate_moments(x_ng, batch_index_n)
         elif self.phase == _PHASE_CLIP:
@@ -435,7 +491,7 @@ class HVGSeuratV3(CellariumModel):
         distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
         if self.phase == _PHASE_MOMENTS:
             if distributed:
-                for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b):
+                for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_unmeasured_size_bg):
                     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
             self._compute_batch_statistics()
             self._fit_loess()
@@ -470,12 +526,12 @@ class HVGSeuratV3(CellariumModel):
 
     def _compute_batch_statistics(self) -> None:
         """Per-batch mean and ddof=1 variance with scanpy's operations, so they match it to the bit."""
-        n_b1 = self.x_size_b[:, None]
-        safe_n_b1 = n_b1.clamp(min=1)
-        mean_bg = self.x_sums_bg / safe_n_b1
-        var_bg = self.x_squared_sums_bg / safe_n_b1 - mean_bg**2
+        n_bg = self.n_cells_bg
+        safe_n_bg = n_bg.clamp(min=1)
+        mean_bg = self.x_sums_bg / safe_n_bg
+        var_bg = self.x_squared_sums_bg / safe_n_bg - mean_bg**2
         self.mean_bg.copy_(mean_bg)
-        self.var_bg.copy_(torch.where(n_b1 > 1, var_bg * (n_b1 / (n_b1 - 1).clamp(min=1)), torch.zeros_like(var_bg)))
+        self.var_bg.copy_(torch.where(n_bg > 1, var_bg * (n_bg / (n_bg - 1).clamp(min=1)), torch.zeros_like(var_bg)))
 
     def _fit_loess(self) -> None:
         """LOESS per batch (with the documented fallback); decide which batches take part in the ranking."""
@@ -485,6 +541,7 @@ class HVGSeuratV3(CellariumModel):
             raise ImportError("HVGSeuratV3 needs scikit-misc: pip install scikit-misc") from e
 
         n_cells_b = self.x_size_b.cpu().numpy()
+        n_cells_bg = self.n_cells_bg.cpu().numpy()
         mean_bg = self.mean_bg.cpu().numpy()
         var_bg = self.var_bg.cpu().numpy()
         reg_std_bg = np.ones((self.n_batch, self.n_vars))
@@ -511,7 +568,7 @@ class HVGSeuratV3(CellariumModel):
             reg_std_g = np.sqrt(10**estimated_var_g)
             reg_std_bg[b] = reg_std_g
             # clip large values as in Seurat
-            clip_val_bg[b] = reg_std_g * np.sqrt(n_cells) + mean_bg[b]
+            clip_val_bg[b] = reg_std_g * np.sqrt(n_cells_bg[b]) + mean_bg[b]
             ranked_b[b] = 1.0
         device = self.reg_std_bg.device
         self.reg_std_bg.copy_(torch.from_numpy(reg_std_bg).to(device))
@@ -561,8 +618,17 @@ class HVGSeuratV3(CellariumModel):
     # ------------------------------------------------------------------ after the clipped pass
 
     def _check_clip_pass_cells(self) -> None:
-        if torch.equal(self.clip_size_b, self.x_size_b):
+        if torch.equal(self.clip_size_b, self.x_size_b) and torch.equal(
+            self.clip_unmeasured_size_bg, self.x_unmeasured_size_bg
+        ):
             return
+        if torch.equal(self.clip_size_b, self.x_size_b):
+            source = "the statistics given to set_batch_statistics" if self._statistics_given else "the moments pass"
+            raise BatchStatisticsMismatchError(
+                f"HVGSeuratV3: the cells that measured each gene differ between {source} and the clipped pass; "
+                "both must see the same shards (pass n_cells_bg to set_batch_statistics for shards with "
+                "different genes)"
+            )
         given = self.x_size_b.cpu().numpy().astype(np.int64)
         seen = self.clip_size_b.cpu().numpy().astype(np.int64)
         diffs = [f"{self.batch_names[b]!r}: {given[b]} vs {seen[b]}" for b in np.flatnonzero(given != seen)[:5]]
@@ -573,8 +639,9 @@ class HVGSeuratV3(CellariumModel):
         )
 
     def norm_gene_vars_bg(self) -> np.ndarray:
-        """scanpy's ``norm_gene_var`` per batch (rows of batches left out of the ranking are NaN)."""
-        n_b1 = self.x_size_b.cpu().numpy()[:, None]
+        """scanpy's ``norm_gene_var`` per batch (rows of batches left out of the ranking are NaN, and
+        genes measured by fewer than two of a batch's cells)."""
+        n_b1 = self.n_cells_bg.cpu().numpy()
         reg_std_bg = self.reg_std_bg.cpu().numpy()
         clip_val_bg = self.clip_val_bg.cpu().numpy()
         n_clipped_bg = self.n_clipped_bg.cpu().numpy()
@@ -592,17 +659,19 @@ class HVGSeuratV3(CellariumModel):
                 (n_b1 * np.square(mean_bg)) + squared_batch_counts_sum_bg - 2 * batch_counts_sum_bg * mean_bg
             )
         norm_bg[~ranked_b] = np.nan
+        norm_bg[n_b1 < 2] = np.nan
         return norm_bg
 
     def _all_cell_means_variances(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and ddof=1 variance over all cells, by scanpy's formula on the summed moments."""
-        n = float(self.x_size_b.sum())
+        """Mean and ddof=1 variance over all cells (that measured each gene), by scanpy's formula on the
+        summed moments."""
+        n_g = self.n_cells_g.cpu().numpy()
         sums_g = self.x_sums_bg.sum(0).cpu().numpy()
         squared_sums_g = self.x_squared_sums_bg.sum(0).cpu().numpy()
-        means_g = sums_g / n
-        variances_g = squared_sums_g / n - means_g**2
-        if n != 1:
-            variances_g *= n / (n - 1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            means_g = sums_g / n_g
+            variances_g = squared_sums_g / n_g - means_g**2
+            variances_g = np.where(n_g != 1, variances_g * (n_g / (n_g - 1)), variances_g)
         return means_g, variances_g
 
     def compute_hvg_dfs(self) -> list[pd.DataFrame]:
@@ -611,7 +680,13 @@ class HVGSeuratV3(CellariumModel):
         ranked_b = self.ranked_b.cpu().numpy() > 0
         norm_gene_vars = norm_bg[ranked_b]
         means_g, variances_g = self._all_cell_means_variances()
-        variances_norm_g = np.mean(norm_gene_vars, axis=0)
+        # A gene not ranked in some batch (too few cells measured it there) averages the others.
+        if np.isnan(norm_gene_vars).any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a gene no batch ranks stays NaN
+                variances_norm_g = np.nanmean(norm_gene_vars, axis=0)
+        else:
+            variances_norm_g = np.mean(norm_gene_vars, axis=0)
         # argsort twice gives ranks, small rank means most variable (scanpy's calls, so ties break alike)
         ranks_vg = np.argsort(np.argsort(-norm_gene_vars, axis=1), axis=1).astype(np.float32)
         return [

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from cellarium_steps.atomic import write_csv_atomically
-from cellarium_steps.models._tensors import grouped_column_moments, is_sparse
+from cellarium_steps.models._tensors import check_measured, grouped_column_moments, is_sparse, unmeasured_cells
 from cellarium_steps.models.base import CellariumModel, check_var_names
 
 if TYPE_CHECKING:
@@ -26,6 +26,11 @@ class OnePassMeanVarStd(CellariumModel):
     per-gene shift (the mean of the first minibatch a rank sees) before summing, which keeps
     the variance accurate for data whose mean is large relative to its spread.
 
+    Shards that did not measure every gene (the data layer's ``gene_join="outer"``) pass
+    ``shard_index_n`` and ``gene_measured_sg``: a gene's statistics then cover only the cells whose
+    shard measured it (its zero-filled values are left out), and ``n_cells_bg`` / ``n_cells_g`` say
+    how many cells that is. Without them every cell counts for every gene, as before.
+
     References:
         1. Algorithms for calculating variance (Wikipedia).
 
@@ -33,8 +38,8 @@ class OnePassMeanVarStd(CellariumModel):
         var_names_g: The variable names schema for the input data validation.
         algorithm: ``"naive"`` (default) or ``"shifted_data"`` (numerically stable).
         n_batch: Number of batches. Use 1 to reproduce ``batch_key=None`` behaviour.
-        output_path: Where to save a summary CSV (gene, mean, var, std) at the end of
-            training; None writes nothing.
+        output_path: Where to save a summary CSV (gene, mean, var, std, and n_cells: the cells that
+            measured the gene) at the end of training; None writes nothing.
     """
 
     def __init__(
@@ -58,25 +63,35 @@ class OnePassMeanVarStd(CellariumModel):
         self.x_squared_sums_bg: torch.Tensor
         self.x_size_b: torch.Tensor
         self.x_shift_g: torch.Tensor
+        self.x_unmeasured_size_bg: torch.Tensor
         self.register_buffer("x_sums_bg", torch.empty(n_batch, self.n_vars, dtype=torch.float64))
         self.register_buffer("x_squared_sums_bg", torch.empty(n_batch, self.n_vars, dtype=torch.float64))
         self.register_buffer("x_size_b", torch.empty(n_batch, dtype=torch.float64))
         self.register_buffer("x_shift_g", torch.empty(self.n_vars, dtype=torch.float64))
+        # Cells of each batch whose shard did not measure each gene (zero without a measured mask).
+        self.register_buffer("x_unmeasured_size_bg", torch.empty(n_batch, self.n_vars, dtype=torch.float64))
         self._shift_set = False
         self._reduced = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_shift_g):
+        buffers = (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_shift_g, self.x_unmeasured_size_bg)
+        for buffer in buffers:
             buffer.zero_()
         self._shift_set = False
         self._reduced = False
 
     def forward(
-        self, x_ng: torch.Tensor, var_names_g: np.ndarray, batch_index_n: torch.Tensor | None = None
+        self,
+        x_ng: torch.Tensor,
+        var_names_g: np.ndarray,
+        batch_index_n: torch.Tensor | None = None,
+        shard_index_n: torch.Tensor | None = None,
+        gene_measured_sg: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
         check_var_names(self.var_names_g, var_names_g)
         n_cells = x_ng.shape[0]
+        check_measured(shard_index_n, gene_measured_sg, n_cells, self.n_vars)
         if self.n_batch == 1:
             batch_index_n = torch.zeros(n_cells, dtype=torch.long, device=x_ng.device)
         elif batch_index_n is None:
@@ -87,21 +102,36 @@ class OnePassMeanVarStd(CellariumModel):
             return {}
 
         size_b = torch.bincount(batch_index_n, minlength=self.n_batch).to(torch.float64)
+        # Unmeasured values are stored as zeros: they add nothing to the sums, only the cell counts differ.
+        unmeasured_bg = None
+        size_bg = size_b[:, None]
+        if gene_measured_sg is not None:
+            unmeasured_bg = unmeasured_cells(batch_index_n, self.n_batch, shard_index_n, gene_measured_sg)
+            size_bg = size_bg - unmeasured_bg
         if self.algorithm == "naive":
             sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
         elif is_sparse(x_ng):
             # Shifting would fill the zeros; shift this minibatch's exact sums instead.
             sums_bg, squared_sums_bg = grouped_column_moments(x_ng, batch_index_n, self.n_batch)
-            shift_g = self._shift_from(sums_bg.sum(0) / n_cells)
-            squared_sums_bg = squared_sums_bg - 2 * shift_g * sums_bg + size_b[:, None] * shift_g**2
-            sums_bg = sums_bg - size_b[:, None] * shift_g
+            first_n = n_cells if unmeasured_bg is None else size_bg.sum(0).clamp(min=1)
+            shift_g = self._shift_from(sums_bg.sum(0) / first_n)
+            squared_sums_bg = squared_sums_bg - 2 * shift_g * sums_bg + size_bg * shift_g**2
+            sums_bg = sums_bg - size_bg * shift_g
         else:
             x64_ng = x_ng.to(torch.float64)
-            shift_g = self._shift_from(x64_ng.mean(0))
-            sums_bg, squared_sums_bg = grouped_column_moments(x64_ng - shift_g, batch_index_n, self.n_batch)
+            if gene_measured_sg is None:
+                shift_g = self._shift_from(x64_ng.mean(0))
+                shifted_ng = x64_ng - shift_g
+            else:
+                measured_ng = gene_measured_sg.bool()[shard_index_n.long()].to(torch.float64)
+                shift_g = self._shift_from(x64_ng.sum(0) / measured_ng.sum(0).clamp(min=1))
+                shifted_ng = (x64_ng - shift_g) * measured_ng
+            sums_bg, squared_sums_bg = grouped_column_moments(shifted_ng, batch_index_n, self.n_batch)
         self.x_sums_bg += sums_bg
         self.x_squared_sums_bg += squared_sums_bg
         self.x_size_b += size_b
+        if unmeasured_bg is not None:
+            self.x_unmeasured_size_bg += unmeasured_bg
         return {}
 
     def _shift_from(self, first_mean_g: torch.Tensor) -> torch.Tensor:
@@ -121,7 +151,7 @@ class OnePassMeanVarStd(CellariumModel):
             return
         if self.algorithm == "shifted_data":
             self._move_shift_to(self._broadcast(self.x_shift_g))
-        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b):
+        for buffer in (self.x_sums_bg, self.x_squared_sums_bg, self.x_size_b, self.x_unmeasured_size_bg):
             dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         self._reduced = True
 
@@ -134,9 +164,9 @@ class OnePassMeanVarStd(CellariumModel):
     def _move_shift_to(self, new_shift_g: torch.Tensor) -> None:
         """Re-express this rank's shifted sums about another shift, so ranks' sums can be added."""
         delta_g = self.x_shift_g - new_shift_g
-        n_b1 = self.x_size_b[:, None]
-        self.x_squared_sums_bg += 2 * delta_g * self.x_sums_bg + n_b1 * delta_g**2
-        self.x_sums_bg += n_b1 * delta_g
+        n_bg = self.n_cells_bg
+        self.x_squared_sums_bg += 2 * delta_g * self.x_sums_bg + n_bg * delta_g**2
+        self.x_sums_bg += n_bg * delta_g
         self.x_shift_g.copy_(new_shift_g)
 
     def on_train_end(self, trainer: pl.Trainer) -> None:
@@ -149,15 +179,25 @@ class OnePassMeanVarStd(CellariumModel):
         return self.x_size_b
 
     @property
+    def n_cells_bg(self) -> torch.Tensor:
+        """Cells of each batch that measured each gene (all of the batch's cells without a measured mask)."""
+        return self.x_size_b[:, None] - self.x_unmeasured_size_bg
+
+    @property
+    def n_cells_g(self) -> torch.Tensor:
+        """Cells that measured each gene, whatever their batch."""
+        return self.x_size_b.sum() - self.x_unmeasured_size_bg.sum(0)
+
+    @property
     def batch_mean_bg(self) -> torch.Tensor:
         """Per-batch mean, shape (n_batch, n_genes)."""
-        return self.x_shift_g + self.x_sums_bg / self.x_size_b[:, None]
+        return self.x_shift_g + self.x_sums_bg / self.n_cells_bg
 
     @property
     def batch_var_bg(self) -> torch.Tensor:
         """Per-batch population variance, shape (n_batch, n_genes)."""
-        n_b1 = self.x_size_b[:, None]
-        return (self.x_squared_sums_bg - self.x_sums_bg**2 / n_b1) / n_b1
+        n_bg = self.n_cells_bg
+        return (self.x_squared_sums_bg - self.x_sums_bg**2 / n_bg) / n_bg
 
     @property
     def batch_std_bg(self) -> torch.Tensor:
@@ -165,15 +205,15 @@ class OnePassMeanVarStd(CellariumModel):
 
     @property
     def mean_g(self) -> torch.Tensor:
-        """Mean over all cells, whatever their batch."""
-        return self.x_shift_g + self.x_sums_bg.sum(0) / self.x_size_b.sum()
+        """Mean over all cells (that measured the gene), whatever their batch."""
+        return self.x_shift_g + self.x_sums_bg.sum(0) / self.n_cells_g
 
     @property
     def var_g(self) -> torch.Tensor:
-        """Population variance over all cells, whatever their batch."""
-        n = self.x_size_b.sum()
+        """Population variance over all cells (that measured the gene), whatever their batch."""
+        n_g = self.n_cells_g
         sums_g = self.x_sums_bg.sum(0)
-        return (self.x_squared_sums_bg.sum(0) - sums_g**2 / n) / n
+        return (self.x_squared_sums_bg.sum(0) - sums_g**2 / n_g) / n_g
 
     @property
     def std_g(self) -> torch.Tensor:
@@ -186,11 +226,13 @@ class OnePassMeanVarStd(CellariumModel):
                 "mean": self.mean_g.cpu().numpy(),
                 "var": self.var_g.cpu().numpy(),
                 "std": self.std_g.cpu().numpy(),
+                "n_cells": self.n_cells_g.cpu().numpy().astype(np.int64),
             }
         )
 
     def batch_summary_df(self, batch_categories: np.ndarray | None = None) -> pd.DataFrame:
-        """Long table: one row per (batch, gene) with the batch's cell count, mean and variance."""
+        """Long table: one row per (batch, gene) with the cells (of the batch, that measured the gene), mean
+        and variance."""
         n_batch, n_genes = self.n_batch, self.n_vars
         names = np.asarray(batch_categories) if batch_categories is not None and len(batch_categories) else None
         labels = names if names is not None else np.arange(n_batch).astype(str)
@@ -198,7 +240,7 @@ class OnePassMeanVarStd(CellariumModel):
             {
                 "batch": np.repeat(labels, n_genes),
                 "batch_index": np.repeat(np.arange(n_batch), n_genes),
-                "n_cells": np.repeat(self.x_size_b.cpu().numpy().astype(np.int64), n_genes),
+                "n_cells": self.n_cells_bg.cpu().numpy().astype(np.int64).ravel(),
                 "gene": np.tile(self.var_names_g, n_batch),
                 "mean": self.batch_mean_bg.cpu().numpy().ravel(),
                 "var": self.batch_var_bg.cpu().numpy().ravel(),

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from cellarium_steps.models._tensors import nonzero_entries
+from cellarium_steps.models._tensors import check_measured, nonzero_entries, unmeasured_cells
 from cellarium_steps.models.base import CellariumModel, check_var_names
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ class TDigest(CellariumModel):
     Zeros are not part of the distribution: this follows the cellarium-ml ``TDigest``, which
     sketches the non-zero histogram of each gene.
 
+    Shards that did not measure every gene (the data layer's ``gene_join="outer"``) pass
+    ``shard_index_n`` and ``gene_measured_sg``: values of a gene in cells whose shard did not measure
+    it are skipped (the data layer reads them as zeros, so there are none to skip unless a caller
+    passes some), and ``n_cells_g`` counts, per gene, the cells that measured it.
+
     References:
         1. Computing Extremely Accurate Quantiles Using T-Digests (Dunning et al.).
 
@@ -65,23 +70,47 @@ class TDigest(CellariumModel):
         self.compression = float(compression)
         self.small_counts_gv: torch.Tensor
         self.register_buffer("small_counts_gv", torch.zeros(self.n_vars, N_SMALL_VALUES, dtype=torch.int64))
+        # Cells seen, and per gene those whose shard did not measure it (float64: exact below 2**53).
+        self.x_size: torch.Tensor
+        self.x_unmeasured_size_g: torch.Tensor
+        self.register_buffer("x_size", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("x_unmeasured_size_g", torch.zeros(self.n_vars, dtype=torch.float64))
         self.tail_digests: dict[int, crick.TDigest] = {}
         self._reduced = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         self.small_counts_gv.zero_()
+        self.x_size.zero_()
+        self.x_unmeasured_size_g.zero_()
         self.tail_digests = {}
         self._reduced = False
 
-    def forward(self, x_ng: torch.Tensor, var_names_g: np.ndarray) -> dict[str, torch.Tensor | None]:
+    def forward(
+        self,
+        x_ng: torch.Tensor,
+        var_names_g: np.ndarray,
+        shard_index_n: torch.Tensor | None = None,
+        gene_measured_sg: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
         """Add one minibatch (sparse CSR/COO or dense, cells x genes) to the sketches.
 
         Returns:
             An empty dictionary.
         """
         check_var_names(self.var_names_g, var_names_g)
-        _, col_e, value_e = nonzero_entries(x_ng)
+        n_cells = x_ng.shape[0]
+        check_measured(shard_index_n, gene_measured_sg, n_cells, self.n_vars)
+        self.x_size += n_cells
+        row_e, col_e, value_e = nonzero_entries(x_ng)
+        if gene_measured_sg is not None and n_cells:
+            group_n = torch.zeros(n_cells, dtype=torch.long, device=shard_index_n.device)
+            self.x_unmeasured_size_g += unmeasured_cells(group_n, 1, shard_index_n, gene_measured_sg)[0].to(
+                self.x_unmeasured_size_g.device
+            )
+            measured_e = gene_measured_sg.bool()[shard_index_n.long()[row_e.long()], col_e.long()]
+            if not bool(measured_e.all()):
+                col_e, value_e = col_e[measured_e], value_e[measured_e]
         if value_e.numel() == 0:
             return {}
         # One min/max pass validates; NaN fails ``lowest >= 0`` because NaN propagates into min.
@@ -131,6 +160,8 @@ class TDigest(CellariumModel):
         for other in others:
             check_var_names(self.var_names_g, other.var_names_g)
             self.small_counts_gv += other.small_counts_gv.to(self.small_counts_gv.device)
+            self.x_size += other.x_size.to(self.x_size.device)
+            self.x_unmeasured_size_g += other.x_unmeasured_size_g.to(self.x_unmeasured_size_g.device)
         self._merge_tail_states([self.tail_digests, *(other.tail_digests for other in others)])
 
     def _merge_tail_states(self, states: Sequence[Mapping[int, crick.TDigest]]) -> None:
@@ -154,7 +185,8 @@ class TDigest(CellariumModel):
         if self._reduced or trainer.world_size <= 1 or not dist.is_initialized():
             self._reduced = True
             return
-        dist.all_reduce(self.small_counts_gv, op=dist.ReduceOp.SUM)
+        for buffer in (self.small_counts_gv, self.x_size, self.x_unmeasured_size_g):
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.tail_digests)
         self._merge_tail_states(gathered)
@@ -200,6 +232,11 @@ class TDigest(CellariumModel):
             self.tail_digests[gene] = digest
 
     # ------------------------------------------------------------------ queries
+
+    @property
+    def n_cells_g(self) -> torch.Tensor:
+        """Cells that measured each gene, zeros included (float64)."""
+        return self.x_size - self.x_unmeasured_size_g
 
     @property
     def n_nonzero_g(self) -> torch.Tensor:
@@ -270,7 +307,8 @@ class TDigest(CellariumModel):
         return value_kg
 
     def summary_df(self) -> pd.DataFrame:
-        """One row per gene: number of non-zero values, their median and quartiles."""
+        """One row per gene: number of non-zero values, their median and quartiles, and the cells that
+        measured the gene (``n_cells``: every cell, unless shards measured different genes)."""
         return pd.DataFrame(
             {
                 "gene": self.var_names_g,
@@ -278,6 +316,7 @@ class TDigest(CellariumModel):
                 "median": self.median_g.cpu().numpy(),
                 "q25": self.quantile_g(0.25).cpu().numpy(),
                 "q75": self.quantile_g(0.75).cpu().numpy(),
+                "n_cells": self.n_cells_g.cpu().numpy().astype(np.int64),
             }
         )
 

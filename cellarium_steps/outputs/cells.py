@@ -49,16 +49,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cellarium_steps.atomic import atomic_path
+from cellarium_steps.atomic import atomic_path, remove_stale_temporaries
+from cellarium_steps.data.batches import BATCH_SEPARATOR
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.data.reader import ShardReader
-from cellarium_steps.data.shards import ShardCollection, open_shards
+from cellarium_steps.data.shards import Shard, ShardCollection, open_shards
 from cellarium_steps.outputs.layout import (
     LAYOUT_COLUMNS,
     LayoutOptions,
@@ -70,7 +71,7 @@ from cellarium_steps.outputs.layout import (
     vector_matrix,
 )
 from cellarium_steps.outputs.obs_columns import obs_column_types, read_obs_columns
-from cellarium_steps.outputs.shard_anndata import ShardAnnDataWriter
+from cellarium_steps.outputs.shard_anndata import ShardAnnDataWriter, shard_stem
 from cellarium_steps.outputs.tables import PROVENANCE_KEY, write_table_parquet
 
 logger = logging.getLogger("cellarium_steps")
@@ -165,40 +166,44 @@ class RowStream:
         return self._pending_rows == 0 and self.take(1).num_rows == 0
 
 
-def _obs_index(f: h5py.File) -> h5py.Dataset:
-    obs = f["obs"]
-    return obs[obs.attrs.get("_index", "_index")]
-
-
 @dataclass
 class ObsChunk:
     shard: str  # the shard's file stem
     path: str
-    start: int  # first row within the shard
+    start: int  # the chunk's first cell among the shard's kept cells (all of them without obs_filter)
     cell_id: np.ndarray
     batch: np.ndarray | None  # object array of str/None, or None without a batch key
+    rows: np.ndarray  # the chunk's cells' rows in the file (sorted; start:stop without obs_filter)
 
 
 def iter_obs(collection: ShardCollection, chunk_size: int) -> Iterator[ObsChunk]:
-    """The shards' cell names and batch values, shard by shard, in chunks of at most ``chunk_size`` rows."""
+    """The kept cells' names and batch values, shard by shard, in chunks of at most ``chunk_size`` cells.
+
+    Read by the data layer's reader, so ``.zarr`` stores and ``obs_filter`` give exactly the cells the
+    other steps read, in their order.
+    """
     reader = ShardReader(collection, require_counts=False)
     try:
         for shard in collection.shards:
-            stem = os.path.splitext(os.path.basename(shard.path))[0]
-            with h5py.File(shard.path, "r") as f:
-                index = _obs_index(f)
-                for start in range(0, shard.n_obs, chunk_size):
-                    stop = min(start + chunk_size, shard.n_obs)
-                    names = np.asarray(index.asstr()[start:stop], dtype=object) if index.dtype.kind in "OS" else (
-                        np.asarray(index[start:stop]).astype(str).astype(object)
-                    )
-                    batch = None
-                    if collection.batch_key:
-                        values = reader.read_obs_column(shard, collection.batch_key, np.arange(start, stop))
-                        batch = np.array([None if _missing(v) else str(v) for v in values], dtype=object)
-                    yield ObsChunk(stem, shard.path, start, names, batch)
+            stem = shard_stem(shard.path)
+            kept_rows = shard.kept_rows()
+            for start in range(0, shard.n_obs, chunk_size):
+                positions = np.arange(start, min(start + chunk_size, shard.n_obs))
+                names = reader.read_obs_names(shard, positions)
+                batch = _batch_labels(reader, shard, collection.batch_keys, positions) if collection.batch_key else None
+                yield ObsChunk(stem, shard.path, start, names, batch, kept_rows[positions])
     finally:
         reader.close()
+
+
+def _batch_labels(reader: ShardReader, shard: Shard, keys: Sequence[str], positions: np.ndarray) -> np.ndarray:
+    """Each cell's batch: its value of the batch column, or its values of the batch columns joined as the
+    data layer names combinations (``a|b``); None where a value is missing."""
+    values_kn = [reader.read_obs_column(shard, key, positions) for key in keys]
+    labels = []
+    for values in zip(*values_kn):
+        labels.append(None if any(_missing(v) for v in values) else BATCH_SEPARATOR.join(str(v) for v in values))
+    return np.array(labels, dtype=object)
 
 
 def _missing(value: Any) -> bool:
@@ -310,16 +315,20 @@ def export_cells(
     obs_columns: Sequence[str] = (),
     anndata: str | None = None,
     layout: LayoutOptions | None = None,
+    data_options: DataOptions | None = None,
 ) -> ExportSummary:
     """Join the per-cell ``cells`` datasets with the shards' obs into ``output`` and/or one ``.h5ad`` per
-    shard in ``anndata``, in one pass; see the module docstring."""
+    shard in ``anndata``, in one pass; see the module docstring. ``data_options`` are the other steps'
+    (the same cells: ``obs_filter``; the same shards and genes: ``counts``, ``var_names``, ``gene_join``)."""
     if not output and not anndata:
         raise InputError("nothing to write: give --output, --anndata or both")
     if row_group_size < 1 or chunk_size < 1:
         raise InputError("--row-group-size and --batch-size must be at least 1")
     if not dataset or "/" in dataset:
         raise InputError(f"--dataset: expected a non-empty name without '/', got {dataset!r}")
-    collection = open_shards(shards, batch_key=batch_key)
+    # No count is read, so none is required (a CELLxGENE file's X is normalized; `auto` then takes it).
+    collection = open_shards(shards, batch_key=batch_key, require_counts=False,
+                             **(data_options or DataOptions()).open_kwargs())
     streams = [RowStream(path, chunk_size) for path in cells]
     seen: dict[str, str] = {c: "the export" for c in (*OWN_COLUMNS, *PARTITION_COLUMNS)}
     for stream in streams:
@@ -356,7 +365,7 @@ def export_cells(
 
     stack = contextlib.ExitStack()
     h5ad = ShardAnnDataWriter(anndata, collection.shards, schema, stack, run_metadata) if anndata else None
-    _remove_stale_temporaries([*([output] if output else []), *(h5ad.outputs if h5ad else [])])
+    remove_stale_temporaries([*([output] if output else []), *(h5ad.outputs if h5ad else [])])
     # Every output is written under a temporary name; the stack renames them all (the .h5ad files, then
     # the Parquet dataset) only when the pass has succeeded, and removes them otherwise.
     with stack:
@@ -371,7 +380,7 @@ def export_cells(
             if writer:
                 _write_by_batch(writer, table, dataset, chunk.batch)
             if h5ad:
-                h5ad.write(chunk.path, chunk.start, table)
+                h5ad.write(chunk.path, chunk.start, chunk.rows, table)
             n_cells += table.num_rows
         if h5ad:
             h5ad.close()
@@ -427,7 +436,8 @@ def _joined_chunks(
                                         "shard": pa.array(np.full(n, chunk.shard, dtype=object), pa.string())}
         if obs_types:
             if chunk.start == 0:
-                shard_obs = read_obs_columns(chunk.path, obs_types)
+                shard = next(s for s in collection.shards if s.path == chunk.path)
+                shard_obs = read_obs_columns(chunk.path, obs_types, None if shard.kept_bits is None else shard.kept_rows())
             assert shard_obs is not None
             rows = shard_obs.slice(chunk.start, n)
             columns.update((obs_names[c], rows.column(c).combine_chunks()) for c in obs_types)
@@ -452,8 +462,8 @@ def _check_ids(stream: RowStream, part: pa.Table, chunk: ObsChunk, row: int) -> 
         i = int(differ[0])
         raise InputError(
             f"--cells: {stream.path}: row {row + i} has cell_id {got[i]!r}, but the shards' cell there is "
-            f"{expected[i]!r} ({chunk.path}, obs row {chunk.start + i}); the per-cell outputs must come from the "
-            "same shards in the same order (rerun the step that wrote it)"
+            f"{expected[i]!r} ({chunk.path}, obs row {chunk.rows[i]}); the per-cell outputs must come from the "
+            "same shards, cells (--obs-filter) and order (rerun the step that wrote it)"
         )
 
 
@@ -469,33 +479,6 @@ def _write_by_batch(writer: PartitionedWriter, table: pa.Table, dataset: str, ba
     for code in np.unique(codes):
         rows = np.flatnonzero(codes == code)
         writer.write((dataset, None if code < 0 else str(uniques[code])), table.take(pa.array(rows)))
-
-
-def _remove_stale_temporaries(outputs: Sequence[str]) -> None:
-    """Temporary files and directories a killed export left beside ``outputs`` (atomic_path's naming)."""
-    by_parent: dict[str, set[str]] = {}
-    for output in outputs:
-        by_parent.setdefault(os.path.dirname(os.path.abspath(output)) or ".", set()).add(os.path.basename(output))
-    for parent, names in by_parent.items():
-        if not os.path.isdir(parent):
-            continue
-        for entry in os.listdir(parent):
-            name, sep, pid = entry.rpartition(".tmp-")
-            if sep and name.startswith(".") and name[1:] in names and pid.isdigit() and not _alive(int(pid)):
-                stale = os.path.join(parent, entry)
-                if os.path.isdir(stale):
-                    shutil.rmtree(stale, ignore_errors=True)
-                else:
-                    os.remove(stale)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -4,25 +4,27 @@ Types come from the files' metadata, checked for every shard before the pass: a 
 dictionary-encoded string (``dictionary<int32, string>``, categories written as text), numbers stay
 numbers (the widest type when shards differ, e.g. int32 and int64 -> int64, int and float ->
 double), booleans stay booleans, text stays text; a column categorical in one shard and text in
-another is dictionary-encoded. Values are read one shard at a time (a shard's obs is metadata).
+another is dictionary-encoded. Values are read one shard at a time (a shard's obs is metadata), from
+``.h5ad`` files and ``.zarr`` stores alike (:class:`~cellarium_steps.data.sources.Store`), and only the
+rows of the cells the export takes (``obs_filter``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import h5py
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.sources import Store, encoding_type, is_group, read_column
 
 CATEGORICAL = pa.dictionary(pa.int32(), pa.string())
 
 
-def _column_type(elem: h5py.Dataset | h5py.Group, path: str, column: str) -> pa.DataType:
-    encoding = str(elem.attrs.get("encoding-type", "array"))
+def _column_type(elem: object, path: str, column: str) -> pa.DataType:
+    encoding = encoding_type(elem)
     if encoding == "categorical":
         return CATEGORICAL
     if encoding in ("string-array", "nullable-string-array"):
@@ -31,10 +33,11 @@ def _column_type(elem: h5py.Dataset | h5py.Group, path: str, column: str) -> pa.
         return pa.bool_()
     if encoding == "nullable-integer":
         return pa.from_numpy_dtype(elem["values"].dtype)
-    if encoding == "array" and isinstance(elem, h5py.Dataset) and elem.ndim == 1:
-        if h5py.check_string_dtype(elem.dtype) is not None or elem.dtype.kind in "OSU":
+    if encoding == "array" and not is_group(elem) and len(elem.shape) == 1:
+        kind = np.dtype(elem.dtype).kind if isinstance(elem.dtype, np.dtype) else "T"
+        if kind in "OSUT":
             return pa.string()
-        if elem.dtype.kind in "biuf":
+        if kind in "biuf":
             return pa.from_numpy_dtype(elem.dtype)
     raise InputError(f"{path}: obs[{column!r}] is stored as {encoding!r} ({getattr(elem, 'dtype', 'a group')}), "
                      "which the export cannot write as a column")
@@ -44,8 +47,8 @@ def obs_column_types(paths: Sequence[str], columns: Sequence[str]) -> dict[str, 
     """Each column's export type over every shard; a missing or incompatible column is an InputError."""
     found: dict[str, list[tuple[str, pa.DataType]]] = {c: [] for c in columns}
     for path in paths:
-        with h5py.File(path, "r") as f:
-            obs = f["obs"]
+        with Store(path) as store:
+            obs = store["obs"]
             for column in columns:
                 if column not in obs:
                     raise InputError(f"--obs-columns: {path}: obs has no column {column!r}")
@@ -79,10 +82,12 @@ def _to_arrow(values: object, kind: pa.DataType) -> pa.Array:
     return array if array.type == kind else array.cast(kind)
 
 
-def read_obs_columns(path: str, types: dict[str, pa.DataType]) -> pa.Table:
-    """One shard's ``types`` columns, every row, with the export's types."""
-    from anndata.io import read_elem
-
-    with h5py.File(path, "r") as f:
-        obs = f["obs"]
-        return pa.table({column: _to_arrow(read_elem(obs[column]), kind) for column, kind in types.items()})
+def read_obs_columns(path: str, types: dict[str, pa.DataType], rows: np.ndarray | None = None) -> pa.Table:
+    """One shard's ``types`` columns with the export's types: the file's ``rows`` (sorted), or every row."""
+    with Store(path) as store:
+        obs = store["obs"]
+        columns = {}
+        for column, kind in types.items():
+            values = read_column(obs, column)
+            columns[column] = _to_arrow(values if rows is None else values[rows], kind)
+        return pa.table(columns)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from cellarium_steps.atomic import write_csv_atomically, write_json_atomically
 from cellarium_steps.data import ShardCollection, ShardReader
+from cellarium_steps.data.batches import parse_batch_key
 from cellarium_steps.data.errors import InputError
 from cellarium_steps.models.hvg_seurat_v3 import hvg_output_paths
 from cellarium_steps.outputs.tables import read_provenance, write_table_parquet
@@ -51,27 +52,37 @@ def write_hvg_tables(tables: Sequence[pd.DataFrame], n_top_genes: Sequence[int],
         write_json_atomically(meta_n, str(csv_path) + ".provenance.json")
 
 
-def cells_per_batch(collection: ShardCollection) -> np.ndarray:
-    """Cells per batch code, from the shards' obs column alone (no count matrix is read)."""
-    counts = np.zeros(collection.n_batch, dtype=np.int64)
-    reader = ShardReader(collection)
+def cells_per_batch(collection: ShardCollection, by_batch: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Cells per batch code (all in one batch without ``by_batch``), and per batch and gene the cells
+    whose shard measured the gene (the same for every gene unless shards measured different genes),
+    from the shards' obs column alone (no count matrix is read)."""
+    n_batch = collection.n_batch if by_batch else 1
+    n_cells_b = np.zeros(n_batch, dtype=np.int64)
+    n_cells_bg = np.zeros((n_batch, collection.n_vars), dtype=np.int64)
+    reader = ShardReader(collection, require_counts=False)
     try:
-        for shard in collection.shards:
-            codes = reader.read_batch_index(shard, np.arange(shard.n_obs))
-            counts += np.bincount(codes, minlength=collection.n_batch)
+        for s, shard in enumerate(collection.shards):
+            if by_batch:
+                counts_b = np.bincount(reader.read_batch_index(shard, np.arange(shard.n_obs)), minlength=n_batch)
+            else:
+                counts_b = np.array([shard.n_obs], dtype=np.int64)
+            n_cells_b += counts_b
+            n_cells_bg += counts_b[:, None] * collection.gene_measured_g(s)[None, :]
     finally:
         reader.close()
-    return counts
+    return n_cells_b, n_cells_bg
 
 
 def read_mean_var_statistics(
     mean_var_csv: str, collection: ShardCollection, batch_key: str | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(n_cells_b, mean_bg, population var_bg) from the mean-var step's per-batch table, in the shards' batch order.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(n_cells_b, mean_bg, population var_bg, n_cells_bg) from the mean-var step's per-batch table, in the
+    shards' batch order; ``n_cells_bg`` (the cells of each batch that measured each gene, the table's
+    ``n_cells``) only when shards measured different genes (``gene_join="outer"``), else None.
 
     The statistics are only valid for the same cells grouped by the same batch key: the LOESS is
     fitted per batch, and the clipped pass clips each cell at its own batch's clip value. So the
-    genes, the batch names and each batch's cell count are all checked against the shards.
+    genes, the batch names and each batch's (and gene's) cell count are all checked against the shards.
     """
     csv = Path(mean_var_csv)
     table_path = csv if csv.suffix == ".parquet" else csv.with_suffix(".parquet")
@@ -94,7 +105,7 @@ def read_mean_var_statistics(
         their_key = read_provenance(table_path).get("config", {}).get("batch_key")
     except (KeyError, ValueError, OSError):
         their_key = "unknown"
-    if their_key != "unknown" and their_key != batch_key:
+    if their_key != "unknown" and parse_batch_key(their_key) != parse_batch_key(batch_key):
         raise InputError(
             f"--mean-var {table_path}: made with --batch-key {their_key!r}, but hvg runs with --batch-key "
             f"{batch_key!r}; {why}"
@@ -106,7 +117,7 @@ def read_mean_var_statistics(
     batches = table.drop_duplicates("batch_index")[["batch_index", "batch"]]
     mean_by_name: dict[str, np.ndarray] = {}
     var_by_name: dict[str, np.ndarray] = {}
-    n_cells_by_name: dict[str, int] = {}
+    n_cells_by_name: dict[str, np.ndarray] = {}
     for batch_index, rows in table.groupby("batch_index", sort=True):
         name = str(rows["batch"].iloc[0])
         genes = rows["gene"].astype(str).to_numpy()
@@ -120,7 +131,7 @@ def read_mean_var_statistics(
                              f"({detail}); {why}")
         mean_by_name[name] = rows["mean"].to_numpy(np.float64)
         var_by_name[name] = rows["var"].to_numpy(np.float64)
-        n_cells_by_name[name] = int(rows["n_cells"].iloc[0])
+        n_cells_by_name[name] = rows["n_cells"].to_numpy(np.int64)
 
     names = [str(b) for b in collection.batch_categories] if batch_key else [str(batches["batch"].iloc[0])]
     if batch_key:
@@ -133,17 +144,18 @@ def read_mean_var_statistics(
     elif len(mean_by_name) != 1:
         raise InputError(f"--mean-var {table_path}: has {len(mean_by_name)} batches but hvg runs without "
                          f"--batch-key; {why}")
-    n_cells_b = np.array([n_cells_by_name[n] for n in names], dtype=np.int64)
-    expected_b = cells_per_batch(collection) if batch_key else np.array([collection.n_obs])
-    if not np.array_equal(n_cells_b, expected_b):
-        b = int(np.flatnonzero(n_cells_b != expected_b)[0])
+    n_cells_bg = np.stack([n_cells_by_name[n] for n in names])
+    n_cells_b, expected_bg = cells_per_batch(collection, by_batch=bool(batch_key))
+    if not np.array_equal(n_cells_bg, expected_bg):
+        b, g = (int(i[0]) for i in np.nonzero(n_cells_bg != expected_bg))
+        gene = f", gene {var_names_g[g]!r}" if collection.partial_genes else ""
         raise InputError(
-            f"--mean-var {table_path}: batch {names[b]!r} has {n_cells_b[b]} cells there but {expected_b[b]} in "
-            f"the shards; {why}"
+            f"--mean-var {table_path}: batch {names[b]!r}{gene} has {n_cells_bg[b, g]} cells there but "
+            f"{expected_bg[b, g]} in the shards; {why}"
         )
     mean_bg = np.stack([mean_by_name[n] for n in names])
     var_bg = np.stack([var_by_name[n] for n in names])
-    return n_cells_b, mean_bg, var_bg
+    return n_cells_b, mean_bg, var_bg, n_cells_bg if collection.partial_genes else None
 
 
 def read_norm_factor(path: str, var_names_g: np.ndarray) -> np.ndarray:

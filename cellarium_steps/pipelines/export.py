@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.obs_columns import split_columns
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.outputs.cells import ExportSummary, export_cells, export_genes
 from cellarium_steps.outputs.layout import LayoutOptions
 
@@ -20,28 +22,18 @@ def default_dataset_name(output: str) -> str:
     return parent or "default"
 
 
-def split_columns(values: Sequence[str] | str | None) -> list[str]:
-    """``a,b c`` (commas or separate arguments, as --obs-columns and a YAML list give them) -> [a, b, c]."""
-    if values is None:
-        return []
-    items = [values] if isinstance(values, str) else values
-    columns = [c.strip() for item in items for c in str(item).split(",") if c.strip()]
-    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-    if duplicated:
-        raise InputError(f"--obs-columns: {duplicated} listed more than once")
-    return columns
-
-
 def export(
     *, inputs: Sequence[str], cells: Sequence[str], output: str | None = None, batch_key: str | None = None,
     dataset: str | None = None, row_group_size: int = 100_000, max_buffered_rows: int = 1_000_000,
     batch_size: int = 65_536, mean_var: str | None = None, hvg: str | None = None,
     genes_output: str | None = None, anndata: str | None = None, obs_columns: Sequence[str] | str | None = None,
     layout_2d: bool = False, layout_method: str = "auto", layout_column: str = "scvi_latent",
-    layout_sample_size: int = 20_000, seed: int = 0, provenance: dict[str, Any] | None = None,
+    layout_sample_size: int = 20_000, seed: int = 0, data_options: DataOptions | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> ExportSummary:
     """One streaming pass over the cells (chunks of ``batch_size``) writing the Parquet dataset ``output``
-    and/or one .h5ad per shard under ``anndata``, then the per-gene table if asked."""
+    and/or one .h5ad per shard under ``anndata``, then the per-gene table if asked. ``data_options`` must
+    be those the per-cell steps ran with (the same ``obs_filter`` gives the same cells)."""
     for name, value in (("row_group_size", row_group_size), ("max_buffered_rows", max_buffered_rows),
                         ("layout_sample_size", layout_sample_size)):
         if value < 1:
@@ -53,6 +45,7 @@ def export(
         inputs, cells, output, dataset=dataset or default_dataset_name(output or anndata or "."), batch_key=batch_key,
         row_group_size=row_group_size, max_buffered_rows=max_buffered_rows, chunk_size=batch_size,
         provenance=provenance or {}, obs_columns=split_columns(obs_columns), anndata=anndata, layout=layout,
+        data_options=data_options,
     )
     if output:
         logger.info(

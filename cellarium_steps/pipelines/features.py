@@ -71,7 +71,7 @@ def features_from_query(module: CellariumModule, checkpoint: str, path: str) -> 
     (``train-scvi --reference``), so cells of the query's new batches are embedded as the mapping learned.
 
     The query must have been mapped from the very weights the classifier was trained on (or be them):
-    their fingerprints are compared. Returns the query's ``batch_key`` and ``batch_categories``.
+    their fingerprints are compared. Returns the query's ``batch_key``, ``batch_categories`` and ``covariates``.
     """
     features = module.transforms[0] if len(module.transforms) else None
     if not isinstance(features, ModelFeatures) or not isinstance(features.model, SingleCellVariationalInference):
@@ -93,4 +93,5 @@ def features_from_query(module: CellariumModule, checkpoint: str, path: str) -> 
     swapped.model.load_state_dict(query.model.state_dict())
     swapped.transforms.load_state_dict(query.transforms.state_dict())
     module.transforms[0] = swapped
-    return {"batch_key": data.get("batch_key"), "batch_categories": data.get("batch_categories")}
+    return {"batch_key": data.get("batch_key"), "batch_categories": data.get("batch_categories"),
+            "covariates": data.get("covariates")}

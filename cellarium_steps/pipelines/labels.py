@@ -24,6 +24,7 @@ from cellarium_steps.atomic import write_csv_atomically, write_json_atomically
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.errors import ConfigError, InputError
 from cellarium_steps.data.labels import LabelSummary, require_labels, scan_labels
+from cellarium_steps.data.options import DataOptions, recorded_source
 from cellarium_steps.models.logistic_regression import LogisticRegression
 from cellarium_steps.models.socam import SOCAM
 from cellarium_steps.ontology import descendant_tensor, is_unlabelled, ontology_version, term_labels
@@ -78,6 +79,7 @@ class LabelTrainingOptions:
     devices: int | str = 1
     accelerator: str = "auto"
     seed: int = 0
+    data_options: DataOptions = field(default_factory=DataOptions)
     provenance: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -122,6 +124,7 @@ class LabelTraining:
             "class_labels": term_labels(summary.labels), "label_counts": summary.counts,
             "n_labelled": summary.n_labelled, "ontology": ontology_version(),
             "target_count": float(self.options.target_count), "prediction": prediction,
+            "source": recorded_source(self.datamodule.collection),
         }
         collection = self.datamodule.collection
         if self.features is not None and self.features.batch_categories is not None and collection.batch_key:
@@ -142,6 +145,7 @@ def prepare_label_training(options: LabelTrainingOptions) -> LabelTraining:
         options.inputs, batch_size=options.batch_size, batch_key=batch_key, obs_columns=[options.cell_type_key],
         num_workers=options.num_workers, shuffle=True, seed=options.seed,
         batch_categories=features.batch_categories if features is not None and batch_key else None,
+        **options.data_options.open_kwargs(),
     )
     collection = datamodule.collection
     if features is not None:

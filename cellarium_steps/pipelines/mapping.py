@@ -1,7 +1,7 @@
 """train-scvi --reference: map a query onto a trained scVI model (scArches' architectural surgery).
 
-The query checkpoint is the reference's model with the query's new batches added after the reference's
-(whose codes stay), the reference's weights copied, and only the new batches' parameters trained (see
+The query checkpoint is the reference's model with the query's new batches (and new categories of its
+categorical covariates) added after the reference's (whose codes stay), the reference's weights copied, and only the new batches' parameters trained (see
 :mod:`cellarium_steps.models._scvi_mapping`), streamed like any training. It embeds reference and query
 cells in one latent space; the reference's cells keep their latent means exactly.
 """
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cellarium_steps.data.errors import ConfigError, InputError
+from cellarium_steps.data.options import DataOptions
+from cellarium_steps.data.shards import ShardCollection, open_shards
 from cellarium_steps.models._scvi_mapping import freeze_reference, transfer_reference_weights
 from cellarium_steps.models.scvi import SingleCellVariationalInference
 from cellarium_steps.pipelines.query_data import QueryShards, missing_genes_policy, open_query_shards
@@ -42,6 +44,16 @@ class Reference:
     def batch_categories(self) -> list[str]:
         return [str(c) for c in self.recipe.get("data", {}).get("batch_categories") or []]
 
+    @property
+    def categorical_covariates(self) -> dict[str, list[str]]:
+        """Each categorical covariate's categories, in code order (checkpoints before covariates: none)."""
+        recorded = (self.recipe.get("data", {}).get("covariates") or {}).get("categorical") or {}
+        return {str(key): [str(c) for c in categories] for key, categories in recorded.items()}
+
+    @property
+    def continuous_covariates(self) -> list[str]:
+        return list((self.recipe.get("data", {}).get("covariates") or {}).get("continuous") or [])
+
 
 def load_reference(path: str) -> Reference:
     try:
@@ -69,28 +81,47 @@ class Query:
     shards: QueryShards
     #: the reference's genes that the query lacks, read as zeros
     missing_genes: list[str]
+    #: each categorical covariate's categories the reference did not have (coded after the reference's)
+    new_categories: dict[str, list[str]]
 
     @property
-    def collection(self):  # noqa: ANN201 - a ShardCollection
+    def collection(self) -> ShardCollection:
         return self.shards.collection
 
 
 def open_query(reference: Reference, inputs: Sequence[str], *, batch_key: str | None, obs_columns: Iterable[str],
-               missing_genes: str, max_missing_genes_fraction: float) -> Query:
+               missing_genes: str, max_missing_genes_fraction: float,
+               data_options: DataOptions | None = None) -> Query:
     """Open the query shards against the reference, all before the pass: the batch column (the reference's by
-    default), the new batches (at least one), and the reference's genes the query lacks."""
+    default), the reference's covariates with the query's new categories after the reference's, the counts
+    matrix and gene names the reference was read with (unless ``data_options`` say otherwise), the new
+    batches or categories (at least one), and the reference's genes the query lacks."""
     batch_key = batch_key or reference.batch_key
     if not batch_key or not reference.batch_categories:
         raise ConfigError(f"--reference: {reference.path} was trained without --batch-key; mapping adds the "
                           "query's batches to the reference's, so the reference needs batches")
-    shards = open_query_shards(inputs, batch_key=batch_key, categories=reference.batch_categories,
-                               obs_columns=obs_columns)
-    if not shards.unseen_cells:
+    open_kwargs: dict[str, Any] = {
+        **(data_options or DataOptions()).with_recorded(reference.recipe.get("data", {}).get("source")).open_kwargs(),
+        "continuous_covariate_keys": reference.continuous_covariates,
+    }
+    known = reference.categorical_covariates
+    new_categories: dict[str, list[str]] = {}
+    if known:  # the query's own categories (those its cells hold), to add the new ones after the reference's
+        found = open_shards(inputs, categorical_covariate_keys=list(known), **open_kwargs)
+        new_categories = {key: [str(c) for c in found_k if str(c) not in set(known[key])]
+                          for key, found_k in zip(known, found.covariate_categories)}
+    shards = open_query_shards(
+        inputs, batch_key=batch_key, categories=reference.batch_categories, obs_columns=obs_columns,
+        categorical_covariate_keys=list(known),
+        covariate_categories={key: known[key] + new_categories[key] for key in known}, **open_kwargs,
+    )
+    if not shards.unseen_cells and not any(new_categories.values()):
         raise InputError(f"{shards.collection.shards[0].path}: every obs[{batch_key!r}] value of the query is a batch "
-                         f"{reference.path} was trained on; nothing to map: predict with --checkpoint {reference.path}")
+                         f"{reference.path} was trained on (and every covariate category one it knows); nothing to "
+                         f"map: predict with --checkpoint {reference.path}")
     missing = missing_genes_policy(reference.genes, shards.collection, missing_genes=missing_genes,
                                    max_missing_genes_fraction=max_missing_genes_fraction)
-    return Query(batch_key, shards, missing)
+    return Query(batch_key, shards, missing, {k: v for k, v in new_categories.items() if v})
 
 
 def reference_entry(reference: Reference, query: Query) -> dict[str, Any]:
@@ -99,6 +130,7 @@ def reference_entry(reference: Reference, query: Query) -> dict[str, Any]:
     return {
         "checkpoint": reference.path, "fingerprint": reference.fingerprint, "n_batch": reference.model.n_batch,
         "batch_categories": reference.batch_categories, "new_batch_cells": query.shards.unseen_cells,
+        "categorical_covariates": reference.categorical_covariates, "new_categories": query.new_categories,
         "missing_genes": query.missing_genes,
     }
 
@@ -114,4 +146,4 @@ def prepare_query_module(module: CellariumModule, reference: Reference, query: Q
     assert isinstance(model, SingleCellVariationalInference)
     if fresh:
         transfer_reference_weights(reference.model, model)
-    freeze_reference(model, reference.model.n_batch)
+    freeze_reference(model, reference.model.n_batch, reference.model.n_cats_per_cov)

@@ -14,6 +14,7 @@ from torch import nn
 
 from cellarium_steps.data import ShardCollection, ShardDataModule, open_shards
 from cellarium_steps.data.errors import InputError
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.models import ExactPCA, IncrementalPCA
 from cellarium_steps.outputs.embeddings import ParquetEmbeddingWriter
 from cellarium_steps.outputs.genes import read_gene_list
@@ -79,6 +80,7 @@ def fit_pca(
     devices: int | str = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> ExactPCA | IncrementalPCA:
     """Fit PCA in one pass and write its outputs (``outputs/pca.py``); with ``embeddings``, a second
@@ -87,7 +89,7 @@ def fit_pca(
         raise InputError(f"--n-components must be at least 1, got {n_components}")
     if target_count <= 0:
         raise InputError(f"--target-count must be positive, got {target_count}")
-    collection = open_shards(inputs)
+    collection = open_shards(inputs, **(data_options or DataOptions()).open_kwargs())
     gene_list = read_gene_list(genes) if genes else None
     if gene_list is not None:
         Filter(gene_list).column_index(collection.var_names_g)  # unknown genes fail now, not mid-pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -102,17 +103,19 @@ class QueryShards:
 
 
 def open_query_shards(inputs: str | Sequence[str], *, batch_key: str | None, categories: Sequence[str] | None,
-                      obs_columns: Iterable[str] = ()) -> QueryShards:
+                      obs_columns: Iterable[str] = (), **open_kwargs: Any) -> QueryShards:
     """Open the shards with the model's batch categories (codes unchanged), followed by the batches of the
-    data that the model did not see and that hold cells (counted from the batch column alone)."""
+    data that the model did not see and that hold cells (counted from the batch column alone).
+    ``open_kwargs`` go to :func:`~cellarium_steps.data.shards.open_shards` (covariates, data options)."""
     obs_columns = tuple(obs_columns)
     if not batch_key or categories is None:
-        collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns)
+        collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, **open_kwargs)
         return QueryShards(collection, collection.n_batch, {})
     known = [str(c) for c in categories]
-    found = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns)
+    found = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, **open_kwargs)
     unseen = [str(c) for c in found.batch_categories if str(c) not in set(known)]
-    collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, batch_categories=known + unseen)
+    collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns, batch_categories=known + unseen,
+                             **open_kwargs)
     if not unseen:
         return QueryShards(collection, len(known), {})
     counts = np.zeros(len(known) + len(unseen), dtype=np.int64)
@@ -125,7 +128,7 @@ def open_query_shards(inputs: str | Sequence[str], *, batch_key: str | None, cat
     cells = {c: int(n) for c, n in zip(unseen, counts[len(known):]) if n > 0}
     if len(cells) < len(unseen):  # categories no cell holds: leave them out of the codes
         collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns,
-                                 batch_categories=known + list(cells))
+                                 batch_categories=known + list(cells), **open_kwargs)
     return QueryShards(collection, len(known), cells)
 
 

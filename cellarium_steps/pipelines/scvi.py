@@ -18,6 +18,7 @@ from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.errors import ConfigError
 from cellarium_steps.data.labels import require_labels, scan_labels
+from cellarium_steps.data.options import DataOptions, recorded_covariates, recorded_source
 from cellarium_steps.data.shards import open_shards
 from cellarium_steps.models.scvi import SingleCellVariationalInference
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
@@ -119,7 +120,7 @@ def select_cells(batch: dict[str, Any], keep_n: np.ndarray) -> dict[str, Any]:
         x_ng = x_ng[index_n]
     out = {**batch, "x_ng": x_ng}
     for key, value in batch.items():
-        if key.endswith("_n"):
+        if key != "x_ng" and key.rpartition("_")[2].startswith("n"):  # a per-cell key: _n, _nd, _nc
             out[key] = value[index_n.to(value.device)] if isinstance(value, torch.Tensor) else value[index_n.cpu().numpy()]
     return out
 
@@ -187,6 +188,8 @@ def train_scvi(
     output: str,
     genes: str | None = None,
     batch_key: str | None = None,
+    categorical_covariate_keys: str | Sequence[str] | None = None,
+    continuous_covariate_keys: str | Sequence[str] | None = None,
     max_epochs: int = 20,
     n_latent: int | None = None,
     n_hidden: int | None = None,
@@ -213,6 +216,7 @@ def train_scvi(
     devices: int | str = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """Train scVI (resuming from ``<output>.d/last.ckpt`` if an interrupted run left one) and publish the
@@ -221,8 +225,9 @@ def train_scvi(
     The architecture options left None are scvi-tools' defaults (:data:`ARCHITECTURE_DEFAULTS`), or
     ``model_config``'s (a YAML path or a dict of the constructor's arguments). With ``reference`` (a
     train-scvi checkpoint) the model is instead the reference's, mapped onto the query ``inputs``
-    (:mod:`cellarium_steps.pipelines.mapping`); the query's model genes it lacks are read as zeros when
-    ``missing_genes="zero"``.
+    (:mod:`cellarium_steps.pipelines.mapping`): read with the reference's covariates, counts matrix and gene
+    names (unless ``data_options`` say otherwise), its new batches and covariate categories added; the
+    reference's genes it lacks are read as zeros when ``missing_genes="zero"``.
     """
     architecture = {"n_latent": n_latent, "n_hidden": n_hidden, "n_layers": n_layers,
                     "encode_covariates": encode_covariates, "use_layer_norm": use_layer_norm,
@@ -238,10 +243,12 @@ def train_scvi(
     query: Query | None = None
     arguments: dict[str, Any] = {}
     if reference:
-        refuse_architecture_options({**architecture, "genes": genes, "model_config": model_config})
+        refuse_architecture_options({**architecture, "genes": genes, "model_config": model_config,
+                                     "categorical_covariate_keys": categorical_covariate_keys,
+                                     "continuous_covariate_keys": continuous_covariate_keys})
         mapped = load_reference(reference)
         query = open_query(mapped, inputs, batch_key=batch_key, obs_columns=obs_columns, missing_genes=missing_genes,
-                           max_missing_genes_fraction=max_missing_genes_fraction)
+                           max_missing_genes_fraction=max_missing_genes_fraction, data_options=data_options)
         batch_key, collection = query.batch_key, query.collection
         gene_list: list[str] | None = mapped.genes
         read_genes = [g for g in mapped.genes if g not in set(query.missing_genes)]
@@ -250,7 +257,10 @@ def train_scvi(
         arguments = model_arguments(architecture, config, str(model_config or ""))
         if kl_warmup_steps is not None and warmup_is_set(arguments):
             raise ConfigError(f"--kl-warmup-steps: --model-config {model_config} sets the KL warm-up")
-        collection = open_shards(inputs, batch_key=batch_key, obs_columns=obs_columns)
+        collection = open_shards(
+            inputs, batch_key=batch_key, obs_columns=obs_columns, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, **(data_options or DataOptions()).open_kwargs(),
+        )
         gene_list = selected_genes(genes, collection.var_names_g, collection.shards[0].path)
         read_genes = gene_list
     datamodule = (ScviDataModule if validating else ShardDataModule)(
@@ -280,10 +290,12 @@ def train_scvi(
         kl_warmup_steps = default_kl_warmup_steps(max_epochs, steps_per_epoch)
     if mapped is not None:
         assert kl_warmup_steps is not None
-        model_spec = query_model_spec(mapped.recipe["model"], n_batch=n_batch, kl_warmup_steps=kl_warmup_steps)
+        model_spec = query_model_spec(mapped.recipe["model"], n_batch=n_batch, kl_warmup_steps=kl_warmup_steps,
+                                      n_cats_per_cov=[len(c) for c in collection.covariate_categories])
     else:
         model_spec = scvi_model_spec(var_names_g, n_batch=n_batch, kl_warmup_steps=kl_warmup_steps,
-                                     arguments=arguments)
+                                     arguments=arguments, n_cats_per_cov=[len(c) for c in collection.covariate_categories],
+                                     n_continuous_cov=len(collection.continuous_covariate_keys))
     n_latent = int(model_spec["init_args"]["n_latent"])
     logger.info(
         "%d cells, %d genes, %d batches%s; %d steps per epoch per device, KL warm-up over %s steps",
@@ -296,8 +308,10 @@ def train_scvi(
     provenance = provenance or {}
     data: dict[str, Any] = {
         "input_var_names_g": collection.var_names_g,
-        "batch_key": batch_key,
+        "source": recorded_source(collection),
+        "batch_key": collection.batch_key,
         "batch_categories": collection.batch_categories,
+        "covariates": recorded_covariates(collection),
         "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": n_latent},
         "validation": {"val_fraction": val_fraction, "cell_type_key": cell_type_key,
                        "cell_types": cell_types, "ontology": ontology_version() if cell_types else None},

@@ -25,8 +25,8 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
 LAYER_OPTIONS = ("n_hidden", "n_layers", "encode_covariates")
 #: constructor arguments the step sets from the data or from its own options, never from --model-config
 STEP_ARGUMENTS = {
-    "var_names_g": "--genes", "n_batch": "--batch-key", "n_continuous_cov": "the step passes no covariates",
-    "n_cats_per_cov": "the step passes no covariates", "cell_type_categories": "--cell-type-key",
+    "var_names_g": "--genes", "n_batch": "--batch-key", "n_continuous_cov": "--continuous-covariate-keys",
+    "n_cats_per_cov": "--categorical-covariate-keys", "cell_type_categories": "--cell-type-key",
     "ontology_distance_matrix": "--cell-type-key", "val_cell_type_classifier_reservoir_size": "--val-reservoir-size",
     "reconstruct_counts_on_predict": "predict writes the latent means",
 }
@@ -93,10 +93,16 @@ def model_arguments(options: Mapping[str, Any], model_config: Mapping[str, Any] 
 
 
 def scvi_model_spec(var_names_g: Sequence[str], *, n_batch: int, kl_warmup_steps: int | None,
-                    arguments: Mapping[str, Any], where: str = "train-scvi") -> dict[str, Any]:
+                    arguments: Mapping[str, Any], n_cats_per_cov: Sequence[int] = (), n_continuous_cov: int = 0,
+                    where: str = "train-scvi") -> dict[str, Any]:
     """The model's recipe spec; the arguments are checked by building the model once, before any pass.
-    The KL weight warms up over ``kl_warmup_steps`` unless the arguments set the warm-up themselves."""
+    The KL weight warms up over ``kl_warmup_steps`` unless the arguments set the warm-up themselves.
+    Covariates (each one's category count, the continuous ones' number) enter only when there are any."""
     init_args = {"kl_warmup_epochs": None, "kl_warmup_steps": kl_warmup_steps, **arguments}
+    if n_cats_per_cov:
+        init_args["n_cats_per_cov"] = list(n_cats_per_cov)
+    if n_continuous_cov:
+        init_args["n_continuous_cov"] = int(n_continuous_cov)
     model_spec = spec(SingleCellVariationalInference, var_names_g=var_names_g, n_batch=n_batch, **init_args)
     check_model_spec(model_spec, where)
     return model_spec
@@ -114,10 +120,13 @@ def warmup_is_set(arguments: Mapping[str, Any]) -> bool:
     return arguments.get("kl_warmup_epochs") is not None or arguments.get("kl_warmup_steps") is not None
 
 
-def query_model_spec(reference_spec: Mapping[str, Any], *, n_batch: int, kl_warmup_steps: int) -> dict[str, Any]:
-    """The reference's model spec with ``n_batch`` batches (its own first) and the query run's KL warm-up."""
+def query_model_spec(reference_spec: Mapping[str, Any], *, n_batch: int, kl_warmup_steps: int,
+                     n_cats_per_cov: Sequence[int] = ()) -> dict[str, Any]:
+    """The reference's model spec with ``n_batch`` batches and ``n_cats_per_cov`` categories (its own first)
+    and the query run's KL warm-up."""
     try:
-        init_args = query_model_arguments(plain(dict(reference_spec["init_args"])), n_batch)
+        init_args = query_model_arguments(plain(dict(reference_spec["init_args"])), n_batch,
+                                          list(n_cats_per_cov) if n_cats_per_cov else None)
     except ValueError as e:
         raise ConfigError(f"--reference: {e}") from None
     init_args.update(kl_warmup_epochs=None, kl_warmup_steps=kl_warmup_steps)

@@ -11,6 +11,7 @@ from typing import Any
 
 from cellarium_steps.data import ShardCollection, open_shards
 from cellarium_steps.data.errors import ConfigError, InputError
+from cellarium_steps.data.options import DataOptions
 from cellarium_steps.models import HVGSeuratV3, OnePassMeanVarStd, TDigest
 from cellarium_steps.models.hvg_seurat_v3 import BatchStatisticsMismatchError, HVGWarning, NoBatchLeftError
 from cellarium_steps.outputs.statistics import (
@@ -31,10 +32,10 @@ def _meta(provenance: dict[str, Any] | None) -> str:
 def mean_var(
     *, inputs: Sequence[str], output: str, batch_key: str | None = None, algorithm: str = "naive",
     batch_size: int = 10_000, num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto",
-    seed: int = 0, provenance: dict[str, Any] | None = None,
+    seed: int = 0, data_options: DataOptions | None = None, provenance: dict[str, Any] | None = None,
 ) -> OnePassMeanVarStd:
     """Per-gene mean, population variance and std over all cells (the model writes ``output``), and per batch."""
-    collection = open_shards(inputs, batch_key=batch_key)
+    collection = open_shards(inputs, batch_key=batch_key, **(data_options or DataOptions()).open_kwargs())
     model = OnePassMeanVarStd(collection.var_names_g, algorithm=algorithm, n_batch=collection.n_batch,
                               output_path=output)
     trainer = fit_statistics(model, collection, batch_size=batch_size, num_workers=num_workers, seed=seed,
@@ -46,10 +47,11 @@ def mean_var(
 
 def tdigest(
     *, inputs: Sequence[str], output: str, batch_size: int = 10_000, num_workers: int = 0,
-    devices: int | str = 1, accelerator: str = "auto", seed: int = 0, provenance: dict[str, Any] | None = None,
+    devices: int | str = 1, accelerator: str = "auto", seed: int = 0, data_options: DataOptions | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> TDigest:
     """Per-gene median and quartiles of the non-zero counts."""
-    collection = open_shards(inputs)
+    collection = open_shards(inputs, **(data_options or DataOptions()).open_kwargs())
     model = TDigest(collection.var_names_g)
     trainer = fit_statistics(model, collection, batch_size=batch_size, num_workers=num_workers, seed=seed,
                              devices=devices, accelerator=accelerator)
@@ -87,11 +89,12 @@ def hvg(
     *, inputs: Sequence[str], output: str, batch_key: str | None = None, n_top_genes: int | Sequence[int] = 2000,
     flavor: str = "seurat_v3", span: float = 0.3, batch_n_cell_minimum: int = 2, n_batch_minimum: int = 1,
     mean_var: str | None = None, batch_size: int = 10_000, num_workers: int = 0, devices: int | str = 1,
-    accelerator: str = "auto", seed: int = 0, provenance: dict[str, Any] | None = None,
+    accelerator: str = "auto", seed: int = 0, data_options: DataOptions | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> HVGSeuratV3:
     """Seurat v3 highly variable genes as scanpy's; ``mean_var`` (the mean-var step's CSV on the same
     shards and batch key) saves the first pass. One table per ``n_top_genes``."""
-    collection = open_shards(inputs, batch_key=batch_key)
+    collection = open_shards(inputs, batch_key=batch_key, **(data_options or DataOptions()).open_kwargs())
     n_top_genes = _check_hvg_options(collection, n_top_genes=n_top_genes, span=span, batch_key=batch_key,
                                      batch_n_cell_minimum=batch_n_cell_minimum, n_batch_minimum=n_batch_minimum)
     use_batch_key = batch_key is not None

@@ -14,6 +14,7 @@ import torch
 
 from cellarium_steps.data import ShardDataModule
 from cellarium_steps.data.errors import ConfigError
+from cellarium_steps.data.options import DataOptions, recorded_source
 from cellarium_steps.models.cellarium_gpt import CellariumGPT
 from cellarium_steps.models.geneformer import Geneformer
 from cellarium_steps.outputs.genes import selected_genes
@@ -37,8 +38,10 @@ def _positive(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
 
 
-def _open(inputs: Sequence[str], genes: str | None, **datamodule_kwargs: Any) -> tuple[ShardDataModule, list[str] | None, np.ndarray]:
-    datamodule = ShardDataModule(inputs, shuffle=True, **datamodule_kwargs)
+def _open(inputs: Sequence[str], genes: str | None, data_options: DataOptions | None,
+          **datamodule_kwargs: Any) -> tuple[ShardDataModule, list[str] | None, np.ndarray]:
+    datamodule = ShardDataModule(inputs, shuffle=True, **datamodule_kwargs,
+                                 **(data_options or DataOptions()).open_kwargs())
     collection = datamodule.collection
     gene_list = selected_genes(genes, collection.var_names_g, collection.shards[0].path)
     return datamodule, gene_list, np.asarray(gene_list if gene_list is not None else collection.var_names_g)
@@ -64,6 +67,7 @@ def train_geneformer(
     devices: int | str = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """Geneformer by masked language modelling; ``tdigest``'s per-gene medians divide the normalised
@@ -81,7 +85,7 @@ def train_geneformer(
     if not learning_rate > 0:
         raise ConfigError(f"--learning-rate: must be positive, got {learning_rate}")
     _require_checkpoint_path(output)
-    datamodule, gene_list, var_names_g = _open(inputs, genes, batch_size=batch_size, num_workers=num_workers,
+    datamodule, gene_list, var_names_g = _open(inputs, genes, data_options, batch_size=batch_size, num_workers=num_workers,
                                                seed=seed)
     collection = datamodule.collection
     factor_g = read_norm_factor(tdigest, var_names_g) if tdigest else None
@@ -99,7 +103,8 @@ def train_geneformer(
         "model": spec(Geneformer, var_names_g=var_names_g, mlm_probability=mlm_probability, **size),
         "transforms": [spec(Filter, filter_list=gene_list)] if gene_list is not None else [],
         # No per-cell "prediction": Geneformer's outputs are per token (hidden states, attentions).
-        "data": {"input_var_names_g": collection.var_names_g, "norm_factor_source": tdigest},
+        "data": {"input_var_names_g": collection.var_names_g, "source": recorded_source(collection),
+                 "norm_factor_source": tdigest},
         "provenance": provenance,
     }
     module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": learning_rate}, seed=seed)
@@ -132,6 +137,7 @@ def train_gpt(
     devices: int | str = 1,
     accelerator: str = "auto",
     seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """CellariumGPT: each cell's ``context_len`` random genes, a prompt of them predicting the others' counts."""
@@ -152,7 +158,7 @@ def train_gpt(
     if attention_backend == "flex" and dropout > 0:
         raise ConfigError("--attention-backend flex does not support --dropout > 0")
     _require_checkpoint_path(output)
-    datamodule, gene_list, var_names_g = _open(inputs, genes, batch_size=batch_size, batch_key=batch_key,
+    datamodule, gene_list, var_names_g = _open(inputs, genes, data_options, batch_size=batch_size, batch_key=batch_key,
                                                num_workers=num_workers, seed=seed)
     collection = datamodule.collection
     if context_len > len(var_names_g):
@@ -179,7 +185,8 @@ def train_gpt(
             attention_softmax_fp32=True, loss_scale_dict={"gene_value": 1.0},
         ),
         "transforms": transforms,
-        "data": {"input_var_names_g": collection.var_names_g, "batch_key": batch_key},
+        "data": {"input_var_names_g": collection.var_names_g, "source": recorded_source(collection),
+                 "batch_key": collection.batch_key},
         "provenance": provenance,
     }
     module = CellariumModule.from_recipe(recipe, optim_kwargs={"lr": learning_rate}, seed=seed)

@@ -20,6 +20,7 @@ from cellarium_steps.steps.common import configure_logging, parse_step_args, run
 # Snakemake job) to what that step needs.
 STEP_MODULES: dict[str, str] = {
     "simulate": "cellarium_steps.steps.simulate",
+    "convert": "cellarium_steps.steps.convert",
     "mean-var": "cellarium_steps.steps.mean_var",
     "tdigest": "cellarium_steps.steps.tdigest",
     "hvg": "cellarium_steps.steps.hvg",

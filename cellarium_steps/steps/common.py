@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import importlib.metadata
 import inspect
@@ -17,6 +18,7 @@ import yaml
 
 from cellarium_steps import __version__
 from cellarium_steps.data.errors import ConfigError, InputError
+from cellarium_steps.data.options import DataOptions
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -28,13 +30,15 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
     group = parser.add_argument_group("common options")
     group.add_argument(
         "--input", nargs="+", metavar="H5AD",
-        help="the .h5ad shards: paths, or a quoted glob such as 'shards/*.h5ad' (required)",
+        help="the shards (.h5ad files or .zarr stores): paths, or a quoted glob such as 'shards/*.h5ad' (required)",
     )
     group.add_argument("--output", metavar="PATH", help="path of the step's main output file (required)")
     group.add_argument(
-        "--batch-key", metavar="COLUMN", default=None,
-        help="obs column with each cell's batch; statistics are kept per batch (default: no batches)",
+        "--batch-key", metavar="COLUMN[,COLUMN...]", default=None,
+        help="obs column with each cell's batch, or several (dataset_id,assay,donor_id): the batch is their "
+        "combination, named a|b|c; statistics are kept per batch (default: no batches)",
     )
+    add_data_arguments(group)
     group.add_argument(
         "--batch-size", type=int, default=batch_size, metavar="N",
         help=f"cells per batch read from the shards (default: {batch_size}); memory grows with it",
@@ -58,6 +62,29 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
         "options given on the command line win",
     )
     group.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+
+
+def add_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """Where the counts are, which names are the genes, how shards' genes join, which cells: DataOptions."""
+    group.add_argument(
+        "--counts", metavar="auto|X|raw|layers/NAME", default=None,
+        help="the matrix of raw integer counts: X, raw (raw/X, genes from raw/var), layers/NAME, or auto (X when "
+        "it holds integer counts, else raw/X; default, or for predict the matrix the model was trained on)",
+    )
+    group.add_argument(
+        "--var-names", metavar="index|COLUMN", default=None,
+        help="what names the genes: the var index (default) or a var column such as feature_name or gene_ids",
+    )
+    group.add_argument(
+        "--gene-join", choices=("same", "inner", "outer"), default=None,
+        help="shards' genes, aligned by name: the same set in any order (default), the genes all shards have "
+        "(inner), or all genes, zero where a shard lacks one and left out of its per-gene statistics (outer)",
+    )
+    group.add_argument(
+        "--obs-filter", metavar="EXPR", default=None,
+        help="read only the cells this pandas query over obs keeps; n_genes is each cell's detected genes, "
+        "e.g. 'is_primary_data == True and n_genes >= 300' (default: every cell)",
+    )
 
 
 def add_missing_genes_arguments(group: argparse._ArgumentGroup) -> None:
@@ -145,7 +172,9 @@ def call_pipeline(fn: Callable[..., Any], args: argparse.Namespace, **overrides:
     kwargs: dict[str, Any] = {}
     for name, parameter in parameters.items():
         option = "input" if name == "inputs" else name
-        if name in overrides:
+        if name == "data_options" and name not in overrides:
+            kwargs[name] = DataOptions(**{f.name: options.get(f.name) for f in dataclasses.fields(DataOptions)})
+        elif name in overrides:
             kwargs[name] = overrides[name]
         elif option in options:
             kwargs[name] = options[option]

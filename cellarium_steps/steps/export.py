@@ -12,9 +12,10 @@ NAME = "export"
 HELP = ("join the per-cell outputs (pca, predict) with the shards' obs into one partitioned Parquet dataset "
         "and/or one .h5ad per shard, streamed")
 EPILOG = """one pass over the cells:
-  the shards' obs names and --batch-key column are read in chunks of --batch-size cells, in shard order,
-  and zipped with each --cells dataset read in its part files' order (pca --embeddings and predict keep
-  the shards' order); each chunk's cell_id must equal the obs names, or the step stops naming the input.
+  the shards' obs names and --batch-key column(s) are read in chunks of --batch-size cells, in shard order
+  (only the cells --obs-filter keeps: give the options the per-cell steps ran with), and zipped with each
+  --cells dataset read in its part files' order (pca --embeddings and predict keep the shards' order);
+  each chunk's cell_id must equal the obs names, or the step stops naming the input.
   Rows are buffered per partition and written as a row group every --row-group-size rows, so memory is
   about (partitions x row group) rows, at most --max-buffered-rows, whatever the number of cells.
   --anndata writes in the same pass. --layout-2d first reads the --layout-column alone from its Parquet
@@ -37,8 +38,8 @@ outputs:
   --anndata DIR  DIR/<shard file name>.h5ad per shard: the shard's obs (every column, same types) and var,
                  no X (X=None, the shard's shape), obsm X_pca, X_scVI (and X_umap or X_pc_2d), and SOCAM's
                  cell_type_ontology_term_id, cell_type, cell_type_probability as obs columns (predicted_<name>
-                 when a shard's obs already has the name); cells in the shard's order; renamed into place
-                 only when the whole export succeeded
+                 when a shard's obs already has the name); every cell in the shard's order (NaN rows for
+                 cells --obs-filter left out); renamed into place only when the whole export succeeded
 
 read it with pyarrow.dataset.dataset(OUTPUT, partitioning="hive"), pandas.read_parquet(OUTPUT) or DuckDB:
   select batch, count(*) from read_parquet('OUTPUT/**/*.parquet', hive_partitioning=true) group by batch

@@ -14,13 +14,25 @@ EPILOG = f"""model:
   scvi-tools' default scVI (scvi.model.SCVI with gene_likelihood="nb", dispersion="gene"): the encoder
   reads log1p counts, each decoder hidden layer also reads the one-hot batch (--batch-key), batch norm
   in both, dropout 0.1 in the encoder, observed library size. Counts stay raw: the model takes log1p
-  itself. Non-integer values in X are an error. The architecture options change it as scvi-tools'
-  arguments of the same names do; --encode-covariates is encode_covariates=True with
-  deeply_inject_covariates=False (the batch enters the first hidden layer of encoder and decoder).
+  itself. Non-integer values in the counts matrix (--counts) are an error. The architecture options
+  change it as scvi-tools' arguments of the same names do; --encode-covariates is encode_covariates=True
+  with deeply_inject_covariates=False (the batch and categorical covariates enter the first hidden layer
+  of encoder and decoder).
   scArches' recommended reference for mapping: --encode-covariates --use-layer-norm both --use-batch-norm none.
   --model-config YAML sets any other SingleCellVariationalInference argument by its own name (a mapping,
   or cellarium-ml's class_path/init_args), e.g. encoder and decoder dicts, input_gene_dropout_rate,
   z_kl_weight_max, kl_warmup_epochs; an option given on the command line must agree with it.
+
+covariates:
+  --categorical-covariate-keys a,b   obs columns the decoder also reads, one-hot (scvi-tools'
+                                     categorical_covariate_keys); each is coded like a one-column batch
+                                     key, consistently across shards, and its categories are recorded in
+                                     the checkpoint: predict codes new cells with them, and a value the
+                                     model never saw stops predict before the pass, naming file, column
+                                     and value
+  --continuous-covariate-keys c,d    numeric obs columns the decoder also reads (scvi-tools'
+                                     continuous_covariate_keys), as float64; a missing or NaN value is an
+                                     error naming file, column and row
 
 reference mapping (--reference REF.ckpt):
   maps the --input query onto a trained train-scvi checkpoint, as scvi-tools' load_query_data and
@@ -29,9 +41,11 @@ reference mapping (--reference REF.ckpt):
   parameters are trained (their columns in every layer that reads the batch, or their rows of the
   batch embedding; also, as scvi-tools, the decoder's batch norm), streamed like any training, without
   weight decay. The query checkpoint embeds reference and query cells in one latent space; reference
-  cells keep their latent means exactly. --batch-key defaults to the reference's. Reference genes the
-  query lacks: an error, or --missing-genes zero (read as zeros). The architecture options, --genes and
-  --model-config do not combine with --reference.
+  cells keep their latent means (to float rounding). --batch-key defaults to the reference's; the
+  covariates' columns, the counts matrix and gene names are the reference's, and new categories of its
+  categorical covariates are added (and trained) as new batches are. Reference genes the query lacks:
+  an error, or --missing-genes zero (read as zeros). The architecture options, --genes, --model-config
+  and the covariate options do not combine with --reference.
 
 KL warm-up:
   the KL weight rises linearly from 0 to 1 over --kl-warmup-steps optimizer steps. The default is a
@@ -57,9 +71,10 @@ outputs:
   OUTPUT (.ckpt)            the final Lightning checkpoint: weights, optimizer state, and the recipe
                             that rebuilds the pipeline (the --genes filter and the model's constructor
                             arguments), the shards' genes, --batch-key and its categories (batch index
-                            i is category i), provenance; with --reference also data.reference (its path,
-                            a fingerprint of its weights, its batches, the new batches' cell counts, the
-                            genes read as zeros). `cellarium-steps predict --checkpoint` and
+                            i is category i), the covariates' columns and categories, the counts matrix
+                            and gene names read (--counts, --var-names), provenance; with --reference also
+                            data.reference (its path, a fingerprint of its weights, its batches, the new
+                            batches' cell counts, the genes read as zeros). `cellarium-steps predict --checkpoint` and
                             CellariumModule.from_checkpoint() use it.
   OUTPUT.d/last.ckpt        checkpoint of the last finished epoch, written atomically every epoch; a run
                             started again with the same options resumes from it
@@ -121,6 +136,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--kl-warmup-steps", type=int, default=None, metavar="N",
         help=f"optimizer steps over which the KL weight rises to 1 (default: a quarter of the run, at most "
         f"{MAX_DEFAULT_KL_WARMUP_STEPS})",
+    )
+    group.add_argument(
+        "--categorical-covariate-keys", nargs="+", metavar="COLUMN[,COLUMN...]", default=None,
+        help="obs columns of categorical covariates besides the batch (default: none)",
+    )
+    group.add_argument(
+        "--continuous-covariate-keys", nargs="+", metavar="COLUMN[,COLUMN...]", default=None,
+        help="numeric obs columns of continuous covariates (default: none)",
     )
     group.add_argument(
         "--val-fraction", type=float, default=0.0, metavar="F",

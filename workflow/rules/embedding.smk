@@ -1,7 +1,8 @@
+# hvg.batch_key (HVG's batches, e.g. the assay) may differ from the global batch_key (training's).
 rule hvg:
     input:
         shards=shard_inputs,
-        mean_var=rules.mean_var.output.csv,
+        mean_var=rules.mean_var.output.csv if HVG_USES_MEAN_VAR else [],
     output:
         csv=f"{RESULTS}/hvg/hvg.csv",
     log:
@@ -13,11 +14,14 @@ rule hvg:
         mem_mb=2000,
     params:
         shards=shard_args,
-        batch_key=batch_key_option(),
+        batch_key=batch_key_option("hvg"),
+        mean_var=lambda wildcards, input: (
+            f"--mean-var {shlex.quote(input.mean_var)}" if HVG_USES_MEAN_VAR else ""
+        ),
         common=common_options(),
-        options=step_options("hvg"),
+        options=step_options("hvg", exclude=("batch_key",)),
     shell:
-        "cellarium-steps hvg --input {params.shards} {params.batch_key} --mean-var {input.mean_var}"
+        "cellarium-steps hvg --input {params.shards} {params.batch_key} {params.mean_var}"
         " --output {output.csv} {params.common} {params.options} > {log} 2>&1"
 
 

@@ -31,9 +31,10 @@ rule export:
             f"--anndata {shlex.quote(output.anndata)}" if EXPORT_ANNDATA else ""
         ),
         seed=config["seed"],
+        data=" ".join(shlex.quote(o) for o in data_options()),
         options=step_options("export", exclude=("dataset", "anndata")),
     shell:
         "cellarium-steps export --input {params.shards} {params.batch_key} --cells {input.pca} {input.scvi}"
         " {input.socam} --dataset {params.dataset:q} --mean-var {input.mean_var} --hvg {input.hvg}"
         " --genes-output {output.genes} --output {output.cells} {params.anndata} --seed {params.seed}"
-        " {params.options} > {log} 2>&1"
+        " {params.data} {params.options} > {log} 2>&1"
