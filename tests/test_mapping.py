@@ -8,6 +8,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pyarrow.dataset as ds
 import pytest
 import scipy.sparse as sp
@@ -326,6 +327,31 @@ def test_train_scvi_reference_maps_the_query_and_keeps_the_reference(shards, tmp
     assert predict(tmp_path, "zeroed", shards.query_ckpt, zeroed) == 0
     (names, query), (names_zeroed, query_zeroed) = predicted(tmp_path / "query"), predicted(tmp_path / "zeroed")
     assert names == names_zeroed and np.array_equal(query, query_zeroed)
+
+
+def test_train_scvi_reference_adds_covariate_categories_to_an_embedded_reference(shards, tmp_path: Path) -> None:
+    paths = {}
+    for name, values in (("reference", ["v2", "v3"]), ("query", ["v3", "v4"])):
+        adata = ad.read_h5ad(getattr(shards, name))
+        adata.obs["chemistry"] = pd.Categorical(np.resize(values, adata.n_obs))
+        paths[name] = str(tmp_path / f"{name}.h5ad")
+        adata.write_h5ad(paths[name])
+    reference, query = str(tmp_path / "reference.ckpt"), str(tmp_path / "query.ckpt")
+    train = ["--max-epochs", "2", "--batch-size", "128", *CPU, "--quiet"]
+    assert cli_main(["train-scvi", "--input", paths["reference"], "--batch-key", "batch", "--categorical-covariate-keys",
+                     "chemistry", "--batch-embedded", "--encode-covariates", "--n-hidden", "16", "--n-latent", "4",
+                     "--output", reference, *train]) == 0
+    assert cli_main(["train-scvi", "--reference", reference, "--input", paths["query"], "--missing-genes", "zero",
+                     "--output", query, *train]) == 0
+    recipe = torch.load(query, weights_only=True)[RECIPE_KEY]
+    assert recipe["data"]["covariates"]["categorical"] == {"chemistry": ["v2", "v3", "v4"]}
+    assert recipe["model"]["init_args"]["n_cats_per_cov"] == [3] and recipe["model"]["init_args"]["n_latent_batch"] == 2
+    assert recipe["data"]["reference"]["new_categories"] == {"chemistry": ["v4"]}
+    assert predict(tmp_path, "before", reference, paths["reference"]) == 0
+    assert predict(tmp_path, "after", query, paths["reference"]) == 0
+    assert np.abs(predicted(tmp_path / "before")[1] - predicted(tmp_path / "after")[1]).max() < 1e-6
+    assert predict(tmp_path, "query", query, paths["query"], "--missing-genes", "zero") == 0
+    assert len(predicted(tmp_path / "query")[0]) == shards.n_query
 
 
 def test_train_scvi_reference_refuses_what_it_cannot_map(shards, tmp_path: Path, capsys) -> None:
