@@ -41,7 +41,6 @@ Acceptance (printed; exit 1 if one fails), on the means over seeds: accuracy >= 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -52,7 +51,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OUT_DIR, cellarium_steps_exe, print_table, source_h5ad
+from _harness import (
+    OUT_DIR,
+    add_worker_arguments,
+    cellarium_steps_exe,
+    print_checks,
+    print_table,
+    run_if_worker,
+    run_json_worker,
+    source_h5ad,
+)
 
 BATCH_KEY = "source"
 LABEL_KEY = "cell_type_ontology_term_id"
@@ -216,14 +224,8 @@ WORKERS = {"ours": worker_ours, "scvi": worker_scvi}
 
 
 def run_worker(name: str, spec: dict) -> dict:
-    """``name`` in a fresh interpreter; its result (the last stdout line, JSON)."""
-    print(f"[bench_mapping] {name} seed {spec['seed']}", file=sys.stderr, flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
-                            capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    """``name`` in a fresh interpreter; its result."""
+    return run_json_worker(__file__, name, spec, f"[bench_mapping] {name} seed {spec['seed']}")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -237,11 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-epochs", type=int, default=100, help="reference training epochs (default: 100)")
     parser.add_argument("--query-epochs", type=int, default=100, help="query training epochs (default: 100)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default: 1)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+    if run_if_worker(args, WORKERS):
         return 0
 
     import anndata as ad
@@ -281,12 +281,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.first_seed}..{args.first_seed + args.seeds - 1}\n")
     print_table(rows)
     print()
-    failed = False
-    for name, (value, ok) in checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.4g}")
-        failed |= not ok
-    print(f"\nfull benchmark: {FULL_COMMAND}")
-    return 1 if failed else 0
+    return print_checks(checks, FULL_COMMAND)
 
 
 if __name__ == "__main__":

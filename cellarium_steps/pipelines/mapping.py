@@ -17,6 +17,7 @@ from cellarium_steps.data.options import DataOptions
 from cellarium_steps.data.shards import ShardCollection, open_shards
 from cellarium_steps.models._scvi_mapping import freeze_reference, transfer_reference_weights
 from cellarium_steps.models.scvi import SingleCellVariationalInference
+from cellarium_steps.pipelines.features import load_scvi_checkpoint
 from cellarium_steps.pipelines.query_data import QueryShards, missing_genes_policy, open_query_shards
 from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.recipe import state_fingerprint
@@ -56,12 +57,8 @@ class Reference:
 
 
 def load_reference(path: str) -> Reference:
-    try:
-        module = CellariumModule.from_checkpoint(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"--reference: {e}") from None
-    if not isinstance(module.model, SingleCellVariationalInference):
-        raise InputError(f"--reference: {path}: a {type(module.model).__name__} checkpoint, not train-scvi's")
+    module = load_scvi_checkpoint(path, f"--reference {path}")
+    assert isinstance(module.model, SingleCellVariationalInference)
     return Reference(path, module.recipe or {}, module.model, state_fingerprint(module.model.state_dict()))
 
 
