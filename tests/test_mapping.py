@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import types
 from pathlib import Path
 
@@ -327,6 +328,21 @@ def test_train_scvi_reference_maps_the_query_and_keeps_the_reference(shards, tmp
     assert predict(tmp_path, "zeroed", shards.query_ckpt, zeroed) == 0
     (names, query), (names_zeroed, query_zeroed) = predicted(tmp_path / "query"), predicted(tmp_path / "zeroed")
     assert names == names_zeroed and np.array_equal(query, query_zeroed)
+
+
+def test_a_resumed_query_training_keeps_the_reference_frozen(shards, tmp_path: Path, caplog) -> None:
+    output = tmp_path / "query.ckpt"
+    train = ["train-scvi", "--reference", shards.reference_ckpt, "--input", shards.query, "--missing-genes", "zero",
+             "--batch-size", "128", *CPU, "--output", str(output)]
+    assert cli_main([*train, "--max-epochs", "1", "--quiet"]) == 0
+    output.unlink()  # as if the run had been killed after its first epoch's checkpoint
+    caplog.set_level(logging.INFO, logger="cellarium_steps")
+    assert cli_main([*train, "--max-epochs", "3"]) == 0
+    assert "resuming from" in caplog.text
+    assert torch.load(output, weights_only=True)["global_step"] == 3 * len(range(0, shards.n_query, 128))
+    assert predict(tmp_path, "before", shards.reference_ckpt, shards.reference) == 0
+    assert predict(tmp_path, "after", str(output), shards.reference) == 0
+    assert np.abs(predicted(tmp_path / "before")[1] - predicted(tmp_path / "after")[1]).max() < 1e-6
 
 
 def test_train_scvi_reference_adds_covariate_categories_to_an_embedded_reference(shards, tmp_path: Path) -> None:
