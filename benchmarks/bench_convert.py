@@ -17,9 +17,11 @@ convert (``--repeats`` timed runs after an untimed warm-up of each, the commands
 ``--also-cells``: our two commands again at that size (one run each, no reference): peak memory is
 checked to stay within 20% (flat).
 Checked on the outputs: every cell once (the obs names of the shuffled output are a permutation of the
-inputs'), and the first converted shard's counts equal the first input shard's (unshuffled, 20,000 cells each).
+inputs'), and the first converted shard's counts equal the first input shard's (unshuffled, 20,000 cells
+each); the converted shards give bit-identical training batches to the uncompressed originals.
 
-scVI throughput (``bench_scvi``'s ours-throughput worker: what train-scvi trains, 2,000 HVGs of
+The training loader alone (train-scvi's dataset over the same files, one shuffled epoch, in the bench process)
+and scVI throughput (``bench_scvi``'s ours-throughput worker: what train-scvi trains, 2,000 HVGs of
 bench_scvi, batch key ``source``, batch size 1,024, ``--threads`` torch threads, no loader worker;
 cells per second over ``--scvi-epochs`` epochs but the first; median of ``--scvi-repeats`` interleaved
 runs): on the first ``--scvi-shards`` gzip shards, on the converted shards holding the same cells, and
@@ -31,8 +33,11 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,8 +55,6 @@ OURS, OURS_SHUFFLED, ANNDATA = "cellarium-steps convert", "cellarium-steps conve
 
 def ensure_gzip_shards(n_cells: int) -> list[str]:
     """The resampled shards of ``n_cells`` cells, gzip-compressed by anndata (built once)."""
-    import anndata as ad
-
     out_dir = OUT_DIR / f"shards_{n_cells}_gzip"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -60,7 +63,10 @@ def ensure_gzip_shards(n_cells: int) -> list[str]:
         if not path.is_file() or path.stat().st_mtime < Path(source).stat().st_mtime:
             print(f"[bench_convert] gzip-compressing {source}", file=sys.stderr)
             tmp = path.parent / f".{path.name}.tmp"
-            ad.read_h5ad(source).write_h5ad(tmp, compression="gzip")
+            # In a child process: a bench process grown by whole shards would pass its high-water mark on
+            # to the measured commands it forks (the kernel's maxrss survives fork and exec).
+            code = "import anndata as ad, sys; ad.read_h5ad(sys.argv[1]).write_h5ad(sys.argv[2], compression='gzip')"
+            subprocess.run([sys.executable, "-c", code, source, str(tmp)], check=True)
             os.replace(tmp, path)
         paths.append(str(path))
     return paths
@@ -117,6 +123,74 @@ def scvi_rates(inputs: dict[str, list[str]], epochs: int, threads: int, repeats:
     return runs
 
 
+def loader_rates(inputs: dict[str, list[str]], repeats: int, genes: list[str]) -> dict[str, list[float]]:
+    """Cells per second of the training loader alone (train-scvi's dataset: shuffled, the HVG columns,
+    batches of 1,024, no totals or names) over each input's files, one epoch, in this process."""
+    rates: dict[str, list[float]] = {label: [] for label in inputs}
+    for _ in range(repeats):
+        for label, paths in inputs.items():
+            dataset = _dataset(paths, genes)
+            start, n_cells = time.perf_counter(), 0
+            for batch in dataset:
+                n_cells += batch["x_ng"].shape[0]
+            rates[label].append(n_cells / (time.perf_counter() - start))
+    return rates
+
+
+def _dataset(paths: list[str], genes: list[str]) -> Any:  # a ShardedCellDataset (torch imported here)
+    from cellarium_steps.data import ShardedCellDataset, open_shards
+
+    return ShardedCellDataset(open_shards(paths, batch_key="source"), batch_size=STREAM_BATCH_SIZE, shuffle=True,
+                              with_totals=False, with_obs_names=False, genes=genes)
+
+
+def same_batches(paths_a: list[str], paths_b: list[str], genes: list[str]) -> bool:
+    """Whether two sets of shards give bit-identical training batches (counts, their order, batch codes)."""
+    import torch
+
+    def key(batch: dict) -> list:
+        x = batch["x_ng"]
+        return [x.crow_indices(), x.col_indices(), x.values(), batch["batch_index_n"]]
+
+    pairs = zip(_dataset(paths_a, genes), _dataset(paths_b, genes), strict=True)
+    return all(all(torch.equal(u, v) for u, v in zip(key(a), key(b))) for a, b in pairs)
+
+
+def training_rows(args: argparse.Namespace, checks: dict[str, bool]) -> list[dict]:
+    """The loader alone and (``--scvi-epochs``) scVI training on the first ``--scvi-shards`` files of the gzip
+    input, of its conversion and of the uncompressed originals: the same cells (20,000 a shard on each side,
+    in input order). Also checks that the converted and the original shards give identical batches."""
+    from cellarium_steps.outputs.genes import read_gene_list
+
+    k = args.scvi_shards
+    files = {"gzip shards (the input)": sorted(glob.glob(str(OUT_DIR / f"shards_{args.cells}_gzip" / "*.h5ad")))[:k],
+             "converted shards": sorted(glob.glob(str(OUT_DIR / f"convert_{args.cells}" / "converted" /
+                                                     "shard_*.h5ad")))[:k],
+             "uncompressed shards (the resampled originals)": ensure_resampled_shards(args.cells)[:k]}
+    n_cells = sum(_n_obs(p) for p in files["converted shards"])
+    genes = read_gene_list(prepare_data(OUT_DIR / "scvi", seed=0)["genes"])
+    checks["converted and uncompressed original shards give bit-identical training batches"] = same_batches(
+        files["converted shards"], files["uncompressed shards (the resampled originals)"], genes)
+    rows = []
+    loaded = loader_rates(files, args.scvi_repeats, genes)
+    median = {label: float(np.median(rates)) for label, rates in loaded.items()}
+    for label, rates in loaded.items():
+        rows.append({"step": f"training loader alone, batch {STREAM_BATCH_SIZE}", "tool": f"cellarium-steps on {label}",
+                     "cells": n_cells, "cells/s": round(median[label], 1),
+                     "runs cells/s": " ".join(f"{r:.0f}" for r in rates),
+                     "x gzip": round(median[label] / median["gzip shards (the input)"], 2)})
+    if args.scvi_epochs:
+        runs = scvi_rates(files, args.scvi_epochs, args.threads, args.scvi_repeats)
+        median = {label: float(np.median([r["cells_per_s"] for r in res])) for label, res in runs.items()}
+        for label, res in runs.items():
+            rows.append({"step": f"scVI training, batch {STREAM_BATCH_SIZE}", "tool": f"cellarium-steps on {label}",
+                         "cells": n_cells, "cells/s": round(median[label], 1),
+                         "runs cells/s": " ".join(f"{r['cells_per_s']:.0f}" for r in res),
+                         "cells/CPU-s": round(float(np.median([r["cells_per_cpu_s"] for r in res])), 1),
+                         "x gzip": round(median[label] / median["gzip shards (the input)"], 2)})
+    return rows
+
+
 def _n_obs(path: str) -> int:
     import h5py
 
@@ -132,10 +206,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each command at --cells (default: 3)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false", help="no untimed first run")
     parser.add_argument("--scvi-epochs", type=int, default=2,
-                        help="scVI epochs per throughput run, the first untimed (default: 2; 0: no scVI runs)")
+                        help="scVI epochs per throughput run, the first untimed (default: 2; 0: the loader alone)")
     parser.add_argument("--scvi-shards", type=int, default=2,
-                        help="scVI runs train on the first N shards of each input (default: 2, 40,000 cells)")
+                        help="the loader and scVI runs read the first N shards of each input (default: 2, 40,000 "
+                        "cells; 0: none of those runs)")
     parser.add_argument("--scvi-repeats", type=int, default=2, help="scVI runs of each input, interleaved (default: 2)")
+    parser.add_argument("--skip-convert", action="store_true",
+                        help="only the loader and scVI runs, on an earlier run's converted shards")
     parser.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1),
                         help="torch threads of the scVI runs (default: all cores)")
     args = parser.parse_args(argv)
@@ -146,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [(args.cells, args.repeats, args.warmup, True)]
     if args.also_cells:
         sizes.append((args.also_cells, 1, False, False))
-    for n_cells, repeats, warmup, with_reference in sizes:
+    for n_cells, repeats, warmup, with_reference in ([] if args.skip_convert else sizes):
         inputs = ensure_gzip_shards(n_cells)
         out_dir = OUT_DIR / f"convert_{n_cells}"
         results = run_jobs(convert_jobs(inputs, out_dir, with_reference), warmup, repeats)
@@ -161,29 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                          "wall s": round(res["wall_s"], 2), "runs s": " ".join(f"{w:.1f}" for w in res["walls"]),
                          "peak mem MB": round(res["peak_rss_mb"]), "ours/anndata wall": ratio and round(ratio, 2)})
         checks.update({f"{name} ({n_cells:,} cells)": ok for name, ok in check_outputs(inputs, out_dir).items()})
-    if args.also_cells:
+    if args.also_cells and not args.skip_convert:
         for label in (OURS, OURS_SHUFFLED):
             growth = peaks[(label, args.also_cells)] / peaks[(label, args.cells)]
             checks[f"{label}: peak memory x{growth:.2f} from {args.cells:,} to {args.also_cells:,} cells"] = (
                 growth <= MEMORY_FLAT_MAX)
 
-    if args.scvi_epochs:
-        # The first --scvi-shards files of each: the same cells (20,000 a shard on both sides, in input order).
-        k = args.scvi_shards
-        files = {"gzip shards (the input)": sorted(glob.glob(str(OUT_DIR / f"shards_{args.cells}_gzip" / "*.h5ad")))[:k],
-                 "converted shards": sorted(glob.glob(str(OUT_DIR / f"convert_{args.cells}" / "converted" /
-                                                         "shard_*.h5ad")))[:k],
-                 "uncompressed shards (the resampled originals)": ensure_resampled_shards(args.cells)[:k]}
-        runs = scvi_rates(files, args.scvi_epochs, args.threads, args.scvi_repeats)
-        median = {label: float(np.median([r["cells_per_s"] for r in res])) for label, res in runs.items()}
-        base = median["gzip shards (the input)"]
-        n_cells = sum(_n_obs(p) for p in files["converted shards"])
-        for label, res in runs.items():
-            rows.append({"step": f"scVI training, batch {STREAM_BATCH_SIZE}", "tool": f"cellarium-steps on {label}",
-                         "cells": n_cells, "cells/s": round(median[label], 1),
-                         "runs cells/s": " ".join(f"{r['cells_per_s']:.0f}" for r in res),
-                         "cells/CPU-s": round(float(np.median([r["cells_per_cpu_s"] for r in res])), 1),
-                         "x gzip": round(median[label] / base, 2)})
+    if args.scvi_shards:
+        rows += training_rows(args, checks)
 
     print(f"\n{FULL_COMMAND} (this run: {' '.join(sys.argv[1:])})\n")
     print_table(rows)

@@ -20,7 +20,7 @@ LAYER_RANK = {
 }
 FORBIDDEN = {("data", "models"), ("models", "data")}
 #: what a step may import from steps/
-STEP_SHARED = {"cellarium_steps.steps.common", "cellarium_steps.steps._labels"}
+STEP_SHARED = {"cellarium_steps.steps.common"}
 MAX_STEP_CODE_LINES = 120
 #: the command itself (option parsing, --config, provenance, exit codes), not steps
 STEP_FRAMEWORK = {"__init__.py", "cli.py", "common.py"}

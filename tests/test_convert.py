@@ -309,6 +309,14 @@ def test_the_workflow_reads_the_converted_shards_when_convert_is_on(tmp_path: Pa
     config = workflow_config(tmp_path, convert_shards={"obs_columns": ["donor"], "shuffle": False})
     command = planned_commands(config)["convert"]
     assert "--obs-columns donor cell_type_ontology_term_id" in command and "--shuffle" not in command
+    # The data options go to convert alone: the converted shards have the counts in X, the chosen genes
+    # and only the kept cells, and no raw/X for a later --counts raw to find.
+    data = {"counts": "raw", "var_names": "feature_name", "obs_filter": "n_genes >= 1"}
+    commands = planned_commands(workflow_config(tmp_path, **data))
+    assert commands["convert"].count("--counts raw --var-names feature_name --obs-filter 'n_genes >= 1'") == 1
+    assert not [c for step, c in commands.items() if step != "convert" and ("--counts" in c or "--obs-filter" in c)]
+    without = planned_commands(workflow_config(tmp_path, convert=False, **data))  # the inputs, read as configured
+    assert "convert" not in without and "--counts raw" in without["mean-var"] and "--counts raw" in without["export"]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cellarium_steps.pipelines.labels import train_logreg
-from cellarium_steps.steps._labels import add_label_training_arguments, label_training_options
+from cellarium_steps.steps.common import add_label_training_arguments, label_training_options
 
 NAME = "train-logreg"
 HELP = "train a multinomial logistic regression (Laplace prior, MAP) from expression to cell type, streamed"

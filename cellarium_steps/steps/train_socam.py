@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cellarium_steps.pipelines.labels import SOCAM_W_PRIOR_SCALE, train_socam
-from cellarium_steps.steps._labels import add_label_training_arguments, label_training_options
+from cellarium_steps.steps.common import add_label_training_arguments, label_training_options
 
 NAME = "train-socam"
 HELP = "train SOCAM, a cell type classifier over Cell Ontology terms with probability propagation, streamed"

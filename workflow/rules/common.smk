@@ -91,8 +91,15 @@ def common_options():
 DATA_KEYS = ("counts", "var_names", "gene_join", "obs_filter")
 
 
-def data_options():
-    """--counts, --var-names, --gene-join, --obs-filter from the config's global keys, where set."""
+def data_options(for_convert=False):
+    """--counts, --var-names, --gene-join, --obs-filter from the config's global keys, where set.
+
+    With `convert: true` they go to the convert_shards job alone: the converted shards hold integer counts
+    in X, the chosen genes as the var index and only the kept cells, so the later steps read them with
+    the defaults (`--counts raw` would find no raw/X there).
+    """
+    if CONVERT and not for_convert:
+        return []
     options = []
     for key in DATA_KEYS:
         if config.get(key) is not None:
@@ -144,15 +151,3 @@ def convert_obs_columns():
     key = config.get("cell_type_key")
     columns += [key] if key and key not in columns else []
     return "--obs-columns " + " ".join(shlex.quote(c) for c in columns)
-
-
-def convert_data_options():
-    """Which counts, genes and cells convert reads (global keys counts, var_names, gene_join, obs_filter,
-    where the config has them): the converted shards then hold integer counts in X, the chosen genes as
-    the var index and only the kept cells, so the later rules read them with the defaults.
-    """
-    options = []
-    for key in ("counts", "var_names", "gene_join", "obs_filter"):
-        if config.get(key) is not None:
-            options += [f"--{key.replace('_', '-')}", str(config[key])]
-    return " ".join(shlex.quote(o) for o in options)

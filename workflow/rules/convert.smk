@@ -18,7 +18,7 @@ rule convert_shards:
         shards=input_shard_args,
         batch_key=batch_key_option(),
         common=common_options(),
-        data=convert_data_options(),
+        data=" ".join(shlex.quote(o) for o in data_options(for_convert=True)),
         obs_columns=convert_obs_columns(),
         options=step_options("convert_shards", exclude=("obs_columns",)),
     shell:
