@@ -78,6 +78,7 @@ class LabelTrainingOptions:
     num_workers: int = 0
     devices: int | str = 1
     accelerator: str = "auto"
+    num_nodes: int = 1
     seed: int = 0
     data_options: DataOptions = field(default_factory=DataOptions)
     provenance: dict[str, Any] = field(default_factory=dict)
@@ -159,7 +160,7 @@ def prepare_label_training(options: LabelTrainingOptions) -> LabelTraining:
     summary = scan_labels(collection, options.cell_type_key)
     require_labels(summary, options.inputs)
     max_epochs = options.max_epochs or default_max_epochs(
-        summary.n_cells, options.batch_size, device_count(options.devices, options.accelerator))
+        summary.n_cells, options.batch_size, device_count(options.devices, options.accelerator) * options.num_nodes)
     logger.info(
         "%d of %d cells labelled with %d cell types; %d %s; %d epochs",
         summary.n_labelled, summary.n_cells, len(summary.labels), len(var_names_g),
@@ -206,7 +207,8 @@ def fit_and_write(setup: LabelTraining, recipe: dict[str, Any], module_kwargs: d
     """Train, then write the checkpoint (atomically, recipe inside), the class table and provenance."""
     options = setup.options
     trainer = build_trainer(
-        devices=options.devices, accelerator=options.accelerator, max_epochs=setup.max_epochs, trainable=True,
+        devices=options.devices, accelerator=options.accelerator, num_nodes=options.num_nodes,
+        max_epochs=setup.max_epochs, trainable=True,
         plugins=[AtomicCheckpointIO()],
     )
     pl.seed_everything(options.seed, workers=True, verbose=False)

@@ -79,6 +79,7 @@ def fit_pca(
     num_workers: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     seed: int = 0,
     data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
@@ -119,7 +120,7 @@ def fit_pca(
     # shards: PC1-3 variance error 5e-3 -> 2e-4). The exact method does not depend on order.
     trainer = fit_statistics(
         model, collection, transforms=transforms, batch_size=batch_size, num_workers=num_workers,
-        shuffle=method == "incremental", seed=seed, devices=devices, accelerator=accelerator,
+        shuffle=method == "incremental", seed=seed, devices=devices, accelerator=accelerator, num_nodes=num_nodes,
     )
     if trainer.global_rank == 0:
         write_pca_outputs(model, recipe, output, meta)

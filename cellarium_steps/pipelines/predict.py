@@ -27,9 +27,10 @@ logger = logging.getLogger("cellarium_steps")
 
 def predict(
     *, inputs: Sequence[str], output: str, checkpoint: str, batch_key: str | None = None, batch_size: int = 4096,
-    num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto", unseen_batch: str = "error",
-    missing_genes: str = "error", max_missing_genes_fraction: float = DEFAULT_MAX_MISSING_GENES_FRACTION,
-    features_from: str | None = None, data_options: DataOptions | None = None,
+    num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto", num_nodes: int = 1,
+    unseen_batch: str = "error", missing_genes: str = "error",
+    max_missing_genes_fraction: float = DEFAULT_MAX_MISSING_GENES_FRACTION, features_from: str | None = None,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> int:
     """Write the checkpoint's per-cell prediction of every cell; returns the rows written on this rank.
@@ -76,7 +77,7 @@ def predict(
         )
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(f"--checkpoint: {checkpoint}: unreadable prediction spec ({type(e).__name__}: {e})") from None
-    trainer = build_trainer(devices=devices, accelerator=accelerator, callbacks=[writer])
+    trainer = build_trainer(devices=devices, accelerator=accelerator, num_nodes=num_nodes, callbacks=[writer])
     trainer.predict(module, datamodule=datamodule, return_predictions=False)
     if trainer.global_rank == 0:
         logger.info("wrote %s (%d cells on rank 0)", output, writer.rows_written)

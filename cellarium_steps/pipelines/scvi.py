@@ -215,6 +215,7 @@ def train_scvi(
     num_workers: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     seed: int = 0,
     data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
@@ -280,7 +281,7 @@ def train_scvi(
     n_batch = collection.n_batch if batch_key else 1
 
     trainer, resume_from = resumable_trainer(output=output, devices=devices, accelerator=accelerator,
-                                             max_epochs=max_epochs, metrics=True)
+                                             num_nodes=num_nodes, max_epochs=max_epochs, metrics=True)
     datamodule.dataset.set_distributed(0, trainer.world_size)
     steps_per_epoch = len(datamodule.dataset)
     if kl_warmup_steps is None and resume_from:

@@ -32,14 +32,15 @@ def _meta(provenance: dict[str, Any] | None) -> str:
 def mean_var(
     *, inputs: Sequence[str], output: str, batch_key: str | None = None, algorithm: str = "naive",
     batch_size: int = 10_000, num_workers: int = 0, devices: int | str = 1, accelerator: str = "auto",
-    seed: int = 0, data_options: DataOptions | None = None, provenance: dict[str, Any] | None = None,
+    num_nodes: int = 1, seed: int = 0, data_options: DataOptions | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> OnePassMeanVarStd:
     """Per-gene mean, population variance and std over all cells (the model writes ``output``), and per batch."""
     collection = open_shards(inputs, batch_key=batch_key, **(data_options or DataOptions()).open_kwargs())
     model = OnePassMeanVarStd(collection.var_names_g, algorithm=algorithm, n_batch=collection.n_batch,
                               output_path=output)
     trainer = fit_statistics(model, collection, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                             devices=devices, accelerator=accelerator)
+                             devices=devices, accelerator=accelerator, num_nodes=num_nodes)
     if trainer.global_rank == 0:
         write_mean_var_tables(model.batch_summary_df(collection.batch_categories), output, _meta(provenance))
     return model
@@ -47,14 +48,15 @@ def mean_var(
 
 def tdigest(
     *, inputs: Sequence[str], output: str, batch_size: int = 10_000, num_workers: int = 0,
-    devices: int | str = 1, accelerator: str = "auto", seed: int = 0, data_options: DataOptions | None = None,
+    devices: int | str = 1, accelerator: str = "auto", num_nodes: int = 1, seed: int = 0,
+    data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> TDigest:
     """Per-gene median and quartiles of the non-zero counts."""
     collection = open_shards(inputs, **(data_options or DataOptions()).open_kwargs())
     model = TDigest(collection.var_names_g)
     trainer = fit_statistics(model, collection, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                             devices=devices, accelerator=accelerator)
+                             devices=devices, accelerator=accelerator, num_nodes=num_nodes)
     if trainer.global_rank == 0:
         write_tdigest_tables(model.summary_df(), output, _meta(provenance))
     return model
@@ -89,7 +91,7 @@ def hvg(
     *, inputs: Sequence[str], output: str, batch_key: str | None = None, n_top_genes: int | Sequence[int] = 2000,
     flavor: str = "seurat_v3", span: float = 0.3, batch_n_cell_minimum: int = 2, n_batch_minimum: int = 1,
     mean_var: str | None = None, batch_size: int = 10_000, num_workers: int = 0, devices: int | str = 1,
-    accelerator: str = "auto", seed: int = 0, data_options: DataOptions | None = None,
+    accelerator: str = "auto", num_nodes: int = 1, seed: int = 0, data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> HVGSeuratV3:
     """Seurat v3 highly variable genes as scanpy's; ``mean_var`` (the mean-var step's CSV on the same
@@ -112,7 +114,7 @@ def hvg(
                 model.set_batch_statistics(*read_mean_var_statistics(mean_var, collection, batch_key))
             trainer = fit_statistics(
                 model, collection, batch_size=batch_size, num_workers=num_workers, seed=seed,
-                devices=devices, accelerator=accelerator, max_epochs=model.n_epochs_needed,
+                devices=devices, accelerator=accelerator, num_nodes=num_nodes, max_epochs=model.n_epochs_needed,
             )
     except (NoBatchLeftError, BatchStatisticsMismatchError) as e:
         raise InputError(f"{source}{e}") from None

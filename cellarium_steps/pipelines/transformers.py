@@ -66,6 +66,7 @@ def train_geneformer(
     num_workers: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     seed: int = 0,
     data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
@@ -91,7 +92,7 @@ def train_geneformer(
     factor_g = read_norm_factor(tdigest, var_names_g) if tdigest else None
 
     trainer, resume_from = resumable_trainer(output=output, devices=devices, accelerator=accelerator,
-                                             max_epochs=max_epochs, max_steps=max_steps)
+                                             num_nodes=num_nodes, max_epochs=max_epochs, max_steps=max_steps)
     datamodule.dataset.set_distributed(0, trainer.world_size)
     logger.info(
         "%d cells, %d genes; %d steps per epoch per device, up to %d genes per cell",
@@ -136,6 +137,7 @@ def train_gpt(
     num_workers: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     seed: int = 0,
     data_options: DataOptions | None = None,
     provenance: dict[str, Any] | None = None,
@@ -165,7 +167,7 @@ def train_gpt(
         raise ConfigError(f"--context-len {context_len} is larger than the {len(var_names_g)} genes modelled")
 
     trainer, resume_from = resumable_trainer(output=output, devices=devices, accelerator=accelerator,
-                                             max_epochs=max_epochs, max_steps=max_steps)
+                                             num_nodes=num_nodes, max_epochs=max_epochs, max_steps=max_steps)
     datamodule.dataset.set_distributed(0, trainer.world_size)
     logger.info(
         "%d cells, %d genes; context %d genes; %d steps per epoch per device",

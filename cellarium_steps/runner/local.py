@@ -54,6 +54,7 @@ def fit_statistics(
     seed: int = 0,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     max_epochs: int = 1,
     progress_every_s: float = 30.0,
 ) -> Any:
@@ -62,7 +63,7 @@ def fit_statistics(
     The returned object answers ``global_rank`` (0 on the process that writes outputs) whether the
     passes ran here or under Lightning DDP.
     """
-    if device_count(devices, accelerator) > 1:
+    if device_count(devices, accelerator) * num_nodes > 1:
         from cellarium_steps.data.datamodule import ShardDataModule
         from cellarium_steps.runner.module import CellariumModule
         from cellarium_steps.runner.trainer import build_trainer
@@ -72,7 +73,8 @@ def fit_statistics(
             collection=collection,
         )
         trainer = build_trainer(
-            devices=devices, accelerator=accelerator, max_epochs=max_epochs, progress_every_s=progress_every_s
+            devices=devices, accelerator=accelerator, num_nodes=num_nodes, max_epochs=max_epochs,
+            progress_every_s=progress_every_s,
         )
         trainer.fit(CellariumModule(model, transforms=transforms), datamodule=datamodule)
         return trainer

@@ -54,6 +54,11 @@ class ProgressLog(pl.Callback):
     def __init__(self, every_s: float = 30.0):
         self.every_s = every_s
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:  # every rank says where it runs: a launch that lost ranks shows in the log
+            logger.info("%s: DDP rank %d of %d (node %d, local rank %d)", getattr(stage, "value", stage),
+                        trainer.global_rank, trainer.world_size, trainer.node_rank, trainer.local_rank)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = self._last = time.monotonic()
         self._cells = 0
@@ -82,6 +87,7 @@ def build_trainer(
     *,
     devices: int | str = 1,
     accelerator: str = "auto",
+    num_nodes: int = 1,
     max_epochs: int = 1,
     trainable: bool = False,
     callbacks: Sequence[pl.Callback] = (),
@@ -89,11 +95,13 @@ def build_trainer(
     progress_every_s: float = 30.0,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
-    """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one device."""
+    """A Trainer for one step; DDP (gloo on CPU, nccl on GPU) when more than one process: ``devices`` on
+    each of ``num_nodes`` machines (there a launcher such as ``srun`` starts every process; Lightning
+    reads the ranks from its environment)."""
     accelerator = resolve_accelerator(accelerator)
     n_devices = device_count(devices, accelerator)
     strategy: Any = "auto"
-    if n_devices > 1:
+    if n_devices * num_nodes > 1:
         backend = "nccl" if accelerator in ("gpu", "cuda") else "gloo"
         strategy = (
             DDPStrategy(process_group_backend=backend, broadcast_buffers=False)
@@ -107,6 +115,7 @@ def build_trainer(
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
+        num_nodes=num_nodes,
         strategy=strategy,
         max_epochs=max_epochs,
         callbacks=[*callbacks, ProgressLog(progress_every_s)],

@@ -62,7 +62,7 @@ def publish_metrics(output: str) -> None:
 
 def resumable_trainer(
     *, output: str, devices: int | str, accelerator: str, max_epochs: int, max_steps: int | None = None,
-    metrics: bool = False,
+    metrics: bool = False, num_nodes: int = 1,
 ) -> tuple[pl.Trainer, str | None]:
     """A trainer for ``max_epochs`` / ``max_steps`` that checkpoints to ``<output>.d/last.ckpt`` (and, with
     ``metrics``, grows the per-epoch metrics table); and the checkpoint an interrupted run left there,
@@ -71,8 +71,8 @@ def resumable_trainer(
     # The metrics table is written before the epoch's checkpoint (Lightning runs ModelCheckpoint last).
     callbacks: Sequence[pl.Callback] = [EpochMetricsCSV(metrics_path(output)), checkpointing] if metrics else [checkpointing]
     trainer = build_trainer(
-        devices=devices, accelerator=accelerator, max_epochs=max_epochs, trainable=True, callbacks=callbacks,
-        default_root_dir=output + ".d", max_steps=max_steps if max_steps is not None else -1,
+        devices=devices, accelerator=accelerator, num_nodes=num_nodes, max_epochs=max_epochs, trainable=True,
+        callbacks=callbacks, default_root_dir=output + ".d", max_steps=max_steps if max_steps is not None else -1,
     )
     return trainer, resume_from
 

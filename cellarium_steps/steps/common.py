@@ -52,6 +52,11 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int = 1
         help="devices (processes) to run on; more than 1 runs Lightning DDP (default: 1)",
     )
     group.add_argument(
+        "--num-nodes", type=int, default=1, metavar="N",
+        help="machines the DDP run spans, each running --devices processes (default: 1); more than 1 needs a "
+        "launcher that starts every process, such as SLURM's srun --ntasks-per-node",
+    )
+    group.add_argument(
         "--accelerator", default="auto", choices=("auto", "cpu", "gpu"),
         help="where to compute: cpu, gpu, or auto (gpu if CUDA is available; default)",
     )
@@ -119,6 +124,8 @@ def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], requir
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if getattr(args, "num_workers", 0) < 0:
         parser.error("--num-workers must be 0 or more")
+    if getattr(args, "num_nodes", 1) < 1:
+        parser.error("--num-nodes must be at least 1")
     return args
 
 

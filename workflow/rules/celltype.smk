@@ -3,7 +3,7 @@
 SOCAM_FEATURES = (config.get("train_socam") or {}).get("features", "genes")
 SOCAM_FEATURE_INPUTS = {
     "genes": ("--genes", rules.hvg.output.csv),
-    "pca": ("--pca", rules.pca.output.components),
+    "pca": ("--pca", rules.pca.output.model),
     "scvi": ("--scvi", rules.train_scvi.output.checkpoint),
 }
 
@@ -21,17 +21,18 @@ rule train_socam:
         f"{RESULTS}/benchmarks/train_socam.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=4000,
-        gpu=1,
     params:
         shards=shard_args,
         cell_type_key=cell_type_key_option(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         features=SOCAM_FEATURE_INPUTS[SOCAM_FEATURES][0],
         options=step_options("train_socam", exclude=("features",)),
     shell:
-        "cellarium-steps train-socam --input {params.shards} {params.cell_type_key} {params.features} {input.features}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-socam --input {params.shards} {params.cell_type_key} {params.features} {input.features}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 rule predict_socam:
@@ -46,11 +47,12 @@ rule predict_socam:
         f"{RESULTS}/benchmarks/predict_socam.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=3000,
-        gpu=1,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
-        " --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
+        " --output {output.cells} {params.run} > {log} 2>&1"

@@ -4,7 +4,7 @@
 
 rule convert_shards:
     input:
-        input_shards,
+        shards=input_shards,
     output:
         directory(CONVERTED_SHARDS),
     log:
@@ -17,10 +17,10 @@ rule convert_shards:
     params:
         shards=input_shard_args,
         batch_key=batch_key_option(),
-        common=common_options(),
+        run=run_options(),
         data=" ".join(shlex.quote(o) for o in data_options(for_convert=True)),
         obs_columns=convert_obs_columns(),
         options=step_options("convert_shards", exclude=("obs_columns",)),
     shell:
         "cellarium-steps convert --input {params.shards} {params.batch_key} --output {output}"
-        " {params.common} {params.data} {params.obs_columns} {params.options} > {log} 2>&1"
+        " {params.run} {params.data} {params.obs_columns} {params.options} > {log} 2>&1"

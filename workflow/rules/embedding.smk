@@ -3,8 +3,11 @@ rule hvg:
     input:
         shards=shard_inputs,
         mean_var=rules.mean_var.output.csv if HVG_USES_MEAN_VAR else [],
+        # read beside the CSV: an input too, so that a storage plugin stages it
+        mean_var_batches=rules.mean_var.output.parquet if HVG_USES_MEAN_VAR else [],
     output:
         csv=f"{RESULTS}/hvg/hvg.csv",
+        parquet=f"{RESULTS}/hvg/hvg.parquet",
     log:
         f"{RESULTS}/logs/hvg.log",
     benchmark:
@@ -18,11 +21,11 @@ rule hvg:
         mean_var=lambda wildcards, input: (
             f"--mean-var {shlex.quote(input.mean_var)}" if HVG_USES_MEAN_VAR else ""
         ),
-        common=common_options(),
+        run=run_options(),
         options=step_options("hvg", exclude=("batch_key",)),
     shell:
         "cellarium-steps hvg --input {params.shards} {params.batch_key} {params.mean_var}"
-        " --output {output.csv} {params.common} {params.options} > {log} 2>&1"
+        " --output {output.csv} {params.run} {params.options} > {log} 2>&1"
 
 
 rule pca:
@@ -43,8 +46,8 @@ rule pca:
         mem_mb=3000,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(),
         options=step_options("pca"),
     shell:
         "cellarium-steps pca --input {params.shards} --genes {input.genes} --output {output.components}"
-        " --embeddings {output.cells} {params.common} {params.options} > {log} 2>&1"
+        " --embeddings {output.cells} {params.run} {params.options} > {log} 2>&1"

@@ -15,17 +15,18 @@ rule query_train_scvi:
         f"{RESULTS}/benchmarks/query_train_scvi.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=4000,
-        gpu=1,
     params:
         shards=query_shard_args,
         batch_key=query_batch_key_option(),
         genes=query_gene_options(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("query_train_scvi", section=QUERY.get("train_scvi") or {}),
     shell:
-        "cellarium-steps train-scvi --reference {input.reference} --input {params.shards} {params.batch_key}"
-        " {params.genes} --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-scvi --reference {input.reference} --input {params.shards} {params.batch_key}"
+        " {params.genes} --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 rule query_predict_scvi:
@@ -40,15 +41,16 @@ rule query_predict_scvi:
         f"{RESULTS}/benchmarks/query_predict_scvi.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=3000,
-        gpu=1,
     params:
         shards=query_shard_args,
         genes=query_gene_options(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards} {params.genes}"
-        " --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards} {params.genes}"
+        " --output {output.cells} {params.run} > {log} 2>&1"
 
 
 # SOCAM on genes or PCA components reads the query's genes; on the scVI latent (train_socam.features: scvi,
@@ -66,8 +68,8 @@ rule query_predict_socam:
         f"{RESULTS}/benchmarks/query_predict_socam.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=3000,
-        gpu=1,
     params:
         shards=query_shard_args,
         genes=query_gene_options(),
@@ -76,10 +78,11 @@ rule query_predict_socam:
             if SOCAM_FEATURES == "scvi"
             else ""
         ),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} {params.features} --input {params.shards}"
-        " {params.genes} --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} {params.features} --input {params.shards}"
+        " {params.genes} --output {output.cells} {params.run} > {log} 2>&1"
 
 
 rule query_export:

@@ -20,7 +20,8 @@ def query_shards(wildcards=None):
 
 
 def query_shard_args(wildcards, input):
-    return " ".join(shlex.quote(p) for p in query_shards())
+    """The --input arguments: the local paths of the rule's `shards` input (staged by a storage plugin)."""
+    return " ".join(shlex.quote(p) for p in input.shards)
 
 
 def query_batch_key_option():

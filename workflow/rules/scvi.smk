@@ -11,16 +11,17 @@ rule train_scvi:
         f"{RESULTS}/benchmarks/train_scvi.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=4000,
-        gpu=1,
     params:
         shards=shard_args,
         batch_key=batch_key_option(),
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_scvi"),
     shell:
-        "cellarium-steps train-scvi --input {params.shards} {params.batch_key} --genes {input.genes}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-scvi --input {params.shards} {params.batch_key} --genes {input.genes}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 rule predict_scvi:
@@ -35,11 +36,12 @@ rule predict_scvi:
         f"{RESULTS}/benchmarks/predict_scvi.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=3000,
-        gpu=1,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
     shell:
-        "cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
-        " --output {output.cells} {params.common} > {log} 2>&1"
+        "{params.launch} cellarium-steps predict --checkpoint {input.checkpoint} --input {params.shards}"
+        " --output {output.cells} {params.run} > {log} 2>&1"

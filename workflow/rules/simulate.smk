@@ -1,6 +1,6 @@
 rule simulate:
     output:
-        directory(DEMO_SHARDS),
+        demo_shards(),
     log:
         f"{RESULTS}/logs/simulate.log",
     benchmark:
@@ -9,7 +9,8 @@ rule simulate:
     resources:
         mem_mb=2000,
     params:
+        directory=lambda wildcards, output: os.path.dirname(output[0]),
         seed=config["seed"],
         options=step_options("simulate"),
     shell:
-        "cellarium-steps simulate --output {output} --seed {params.seed} {params.options} > {log} 2>&1"
+        "cellarium-steps simulate --output {params.directory:q} --seed {params.seed} {params.options} > {log} 2>&1"

@@ -1,6 +1,6 @@
 rule mean_var:
     input:
-        shard_inputs,
+        shards=shard_inputs,
     output:
         csv=f"{RESULTS}/statistics/mean_var.csv",
         parquet=f"{RESULTS}/statistics/mean_var.parquet",
@@ -14,16 +14,16 @@ rule mean_var:
     params:
         shards=shard_args,
         batch_key=batch_key_option(),
-        common=common_options(),
+        run=run_options(),
         options=step_options("mean_var"),
     shell:
         "cellarium-steps mean-var --input {params.shards} {params.batch_key} --output {output.csv}"
-        " {params.common} {params.options} > {log} 2>&1"
+        " {params.run} {params.options} > {log} 2>&1"
 
 
 rule tdigest:
     input:
-        shard_inputs,
+        shards=shard_inputs,
     output:
         csv=f"{RESULTS}/statistics/tdigest.csv",
         parquet=f"{RESULTS}/statistics/tdigest.parquet",
@@ -36,8 +36,8 @@ rule tdigest:
         mem_mb=2000,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(),
         options=step_options("tdigest"),
     shell:
         "cellarium-steps tdigest --input {params.shards} --output {output.csv}"
-        " {params.common} {params.options} > {log} 2>&1"
+        " {params.run} {params.options} > {log} 2>&1"

@@ -13,15 +13,16 @@ rule train_geneformer:
         f"{RESULTS}/benchmarks/train_geneformer.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=4000,
-        gpu=1,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_geneformer"),
     shell:
-        "cellarium-steps train-geneformer --input {params.shards} --tdigest {input.tdigest}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-geneformer --input {params.shards} --tdigest {input.tdigest}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
 
 
 # CellariumGPT: a transformer that predicts the hidden counts of a cell's query genes from a prompt
@@ -38,12 +39,13 @@ rule train_gpt:
         f"{RESULTS}/benchmarks/train_gpt.tsv"
     threads: 2
     resources:
+        **gpu_resources(),
         mem_mb=4000,
-        gpu=1,
     params:
         shards=shard_args,
-        common=common_options(),
+        run=run_options(ddp=True),
+        launch=launch,
         options=step_options("train_gpt"),
     shell:
-        "cellarium-steps train-gpt --input {params.shards} --genes {input.genes}"
-        " --output {output.checkpoint} {params.common} {params.options} > {log} 2>&1"
+        "{params.launch} cellarium-steps train-gpt --input {params.shards} --genes {input.genes}"
+        " --output {output.checkpoint} {params.run} {params.options} > {log} 2>&1"
