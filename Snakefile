@@ -32,6 +32,8 @@ include: "workflow/rules/celltype.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/transformers.smk"
+include: "workflow/rules/query_common.smk"
+include: "workflow/rules/query.smk"
 
 
 # Every product is listed (not only the export and the plots, which depend on the rest), so that
@@ -71,6 +73,14 @@ rule scvi:
 rule celltype:
     input:
         rules.predict_socam.output,
+
+
+# Optional, not in `all`: config query.input mapped onto the reference (train-scvi --reference), its cell
+# types transferred, exported (results/query/export) and reported beside the reference.
+rule query:
+    input:
+        rules.query_export.output,
+        rules.query_report.output,
 
 
 # Optional, not in `all`: a Geneformer trained on the shards.

@@ -10,6 +10,7 @@ file reading and writing are included on both sides.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -262,3 +263,39 @@ def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
     diff = np.abs(ours - ref)
     rel = np.divide(diff, scale, out=np.zeros_like(diff), where=scale > 0)
     return float(np.max(rel[~both_nan], initial=0.0))
+
+
+def print_checks(checks: Mapping[str, tuple[float, bool]], full_command: str) -> int:
+    """Print each acceptance check (``ok`` or ``FAIL``, its value) and the full benchmark's command; 1 if one failed."""
+    failed = False
+    for name, (value, ok) in checks.items():
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.4g}")
+        failed |= not ok
+    print(f"\nfull benchmark: {full_command}")
+    return 1 if failed else 0
+
+
+def run_json_worker(script: str, name: str, spec: Mapping, label: str) -> dict:
+    """Run ``script --worker NAME --spec JSON`` in a fresh interpreter (``spec["threads"]`` OpenMP threads)
+    and return its result, the last stdout line as JSON; ``label`` is printed to stderr first."""
+    print(label, file=sys.stderr, flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, script, "--worker", name, "--spec", json.dumps(spec)],
+                            capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The hidden options by which a benchmark runs one of its workers (see :func:`run_json_worker`)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+
+
+def run_if_worker(args: argparse.Namespace, workers: Mapping) -> bool:
+    """With ``--worker NAME``: run ``workers[NAME](spec)``, print its result as JSON, and return True."""
+    if not args.worker:
+        return False
+    print(json.dumps(workers[args.worker](json.loads(args.spec))))
+    return True

@@ -51,7 +51,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import OUT_DIR, cellarium_steps_exe, print_table, source_h5ad
+from _harness import (
+    OUT_DIR,
+    add_worker_arguments,
+    cellarium_steps_exe,
+    print_checks,
+    print_table,
+    run_if_worker,
+    run_json_worker,
+    source_h5ad,
+)
 
 BATCH_KEY = "source"
 LABEL_KEY = "cell_type_ontology_term_id"
@@ -367,14 +376,8 @@ WORKERS = {
 
 def run_worker(name: str, spec: dict) -> dict:
     """``name`` in a fresh interpreter; its result (the last stdout line, JSON)."""
-    print(f"[bench_scvi] {name} {json.dumps({k: v for k, v in spec.items() if k not in ('source', 'genes', 'shards', 'out_dir')})}",
-          file=sys.stderr, flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, __file__, "--worker", name, "--spec", json.dumps(spec)],
-                            capture_output=True, text=True, env=env, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{result.stderr[-4000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    shown = {k: v for k, v in spec.items() if k not in ("source", "genes", "shards", "out_dir")}
+    return run_json_worker(__file__, name, spec, f"[bench_scvi] {name} {json.dumps(shown)}")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -409,11 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-quality", action="store_true", help="throughput and streaming only")
     parser.add_argument("--skip-throughput", action="store_true", help="quality only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the shard split (default: 0)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    add_worker_arguments(parser)
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(WORKERS[args.worker](json.loads(args.spec))))
+    if run_if_worker(args, WORKERS):
         return 0
 
     out_dir = OUT_DIR / "scvi"
@@ -497,12 +498,7 @@ def main(argv: list[str] | None = None) -> int:
           f"KL warm-up {warmup} steps (quality), speed-ups from {args.timing} time\n")
     print_table(rows)
     print()
-    failed = False
-    for name, (value, ok) in checks.items():
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {value:.4g}")
-        failed |= not ok
-    print(f"\nfull benchmark: {FULL_COMMAND}")
-    return 1 if failed else 0
+    return print_checks(checks, FULL_COMMAND)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,19 @@ def all_ancestors(cl_names: Iterable[str]) -> list[str]:
     return sorted({a for n in names for a in _ancestors(n) if a in terms} - set(names))
 
 
+def is_term_or_descendant(predicted: Sequence[str], truth: Sequence[str]) -> list[bool]:
+    """Whether each predicted term is the true term or one of its descendants: right for a label at mixed
+    depth (a naive CD4 T call for a cell labelled CD4 T). Unlabelled truths count as wrong; callers leave
+    them out."""
+    known: dict[tuple[str, str], bool] = {}
+    for pair in zip(map(str, predicted), map(str, truth), strict=True):
+        if pair not in known:
+            p, t = pair
+            known[pair] = p == t or (not is_unlabelled(p) and not is_unlabelled(t)
+                                     and t in _ancestors(validate_cl_names([p])[0]))
+    return [known[pair] for pair in zip(map(str, predicted), map(str, truth))]
+
+
 def descendant_tensor(cl_names: Sequence[str]) -> torch.Tensor:
     """(n, n) float 0/1 tensor: ``[i, j] = 1`` when ``cl_names[j]`` is ``cl_names[i]`` or one of its descendants."""
     names = validate_cl_names(cl_names)

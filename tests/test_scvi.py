@@ -80,15 +80,13 @@ def scvi_tools_state_to_ours(vae: torch.nn.Module, model: SingleCellVariationalI
 
     n_batch = model.n_batch_features
     for i in range(n_layers):
-        t = f"z_encoder.encoder.fc_layers.Layer {i}"
-        _copy_linear(state, ours, f"z_encoder.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"], theirs[f"{t}.0.bias"],
-                     theirs[f"{t}.0.weight"].shape[1], 0)
-        batch_norm(f"{t}.1", f"z_encoder.hidden.layers.{i}.batch_norm")
-        t = f"decoder.px_decoder.fc_layers.Layer {i}"
-        n_in = state[f"decoder.hidden.layers.{i}.layer.weight"].shape[1]
-        _copy_linear(state, ours, f"decoder.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"], theirs[f"{t}.0.bias"],
-                     n_in, n_batch)
-        batch_norm(f"{t}.1", f"decoder.hidden.layers.{i}.batch_norm")
+        for side, theirs_prefix in (("z_encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
+            t = f"{theirs_prefix}.fc_layers.Layer {i}"
+            n_in = state[f"{side}.hidden.layers.{i}.layer.weight"].shape[1]
+            _copy_linear(state, ours, f"{side}.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"],
+                         theirs[f"{t}.0.bias"], n_in, n_batch)
+            if f"{t}.1.weight" in theirs:  # batch norm (scvi-tools keeps a None in its place without it)
+                batch_norm(f"{t}.1", f"{side}.hidden.layers.{i}.batch_norm")
     for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
         for key in ("weight", "bias"):
             ours[f"z_encoder.{ours_name}.{key}"] = theirs[f"z_encoder.{theirs_name}.{key}"]
@@ -121,7 +119,8 @@ def paired_gradients(model: SingleCellVariationalInference, vae: torch.nn.Module
             yield f"{layer}.bias", ours[f"{layer}.bias"].grad, theirs[f"{t}.0.bias"].grad
             for key in ("weight", "bias"):
                 norm = f"{side}.hidden.layers.{i}.batch_norm.{key}"
-                yield norm, ours[norm].grad, theirs[f"{t}.1.{key}"].grad
+                if norm in ours:
+                    yield norm, ours[norm].grad, theirs[f"{t}.1.{key}"].grad
     for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
         for key in ("weight", "bias"):
             yield ours_name, ours[f"z_encoder.{ours_name}.{key}"].grad, theirs[f"z_encoder.{theirs_name}.{key}"].grad
@@ -141,6 +140,10 @@ PARITY_CASES = {
     "covariates-gene-batch-eval": dict(n_layers=2, dispersion="gene-batch", covariates=True, train_mode=False),
     # Batch norm on batch statistics (training mode, dropout off) and per-cell dispersion.
     "gene-cell-train-mode": dict(n_layers=1, dispersion="gene-cell", covariates=False, train_mode=True),
+    # scArches' reference architecture (train-scvi --encode-covariates --use-layer-norm both --use-batch-norm
+    # none): the batch and covariates enter the first hidden layer of encoder and decoder only.
+    "scarches-covariates-train-mode": dict(n_layers=2, dispersion="gene", covariates=True, train_mode=True,
+                                           encode_covariates=True, layer_norm=True),
 }
 
 
@@ -160,19 +163,26 @@ def test_parity_with_scvi_tools(case: str, pbmc_small: ad.AnnData) -> None:
     # scvi-tools' own seeding (torch, numpy, random): the briefly trained reference, and so the
     # compared gradients, are the same in every run.
     scvi.settings.seed = 0
+    encode_covariates, layer_norm = options.get("encode_covariates", False), options.get("layer_norm", False)
+    architecture = dict(use_layer_norm="both", use_batch_norm="none") if layer_norm else {}
     reference = scvi.model.SCVI(adata, n_hidden=128, n_layers=n_layers, n_latent=10, gene_likelihood="nb",
-                                dispersion=dispersion)
+                                dispersion=dispersion, encode_covariates=encode_covariates,
+                                deeply_inject_covariates=not encode_covariates, **architecture)
     # Trained briefly, so weights and batch-norm statistics are no longer their initial values.
     reference.train(max_epochs=2, accelerator="cpu", batch_size=128, enable_progress_bar=False, logger=False,
                     enable_checkpointing=False)
     vae = reference.module
 
     n_cats_per_cov = [adata.obs["chemistry"].cat.categories.size] if covariates else None
-    encoder, decoder = scvi_tools_default_architecture(n_hidden=128, n_layers=n_layers)
+    encoder, decoder = scvi_tools_default_architecture(n_hidden=128, n_layers=n_layers,
+                                                       encode_covariates=encode_covariates,
+                                                       deeply_inject_covariates=not encode_covariates)
+    if encode_covariates and covariates:
+        encoder["input_continuous_covariates"] = True  # scvi-tools' encoder also reads them with encode_covariates
     model = SingleCellVariationalInference(
         adata.var_names.values, encoder, decoder, n_batch=adata.obs["source"].cat.categories.size, n_latent=10,
         n_continuous_cov=1 if covariates else 0, n_cats_per_cov=n_cats_per_cov, dispersion=dispersion,
-        gene_likelihood="nb", kl_warmup_epochs=None, kl_warmup_steps=None,
+        gene_likelihood="nb", kl_warmup_epochs=None, kl_warmup_steps=None, **architecture,
     )
     model.load_state_dict(scvi_tools_state_to_ours(vae, model, n_layers))
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pytest
+import torch
 import yaml
 from conftest import REPO
 
@@ -212,3 +213,96 @@ def test_a_killed_training_job_is_rerun_and_resumes_from_its_checkpoint(tmp_path
     assert (results / "scvi" / "scvi.ckpt").exists() and (results / "scvi" / "cells.parquet").is_dir()
     # nothing upstream ran again
     assert "Rule: hvg" not in rerun.stdout + rerun.stderr and "rule hvg" not in rerun.stdout + rerun.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The query target: a new dataset mapped onto the reference
+
+QUERY_JOBS = ("query_train_scvi", "query_predict_scvi", "query_predict_socam", "query_export", "query_report")
+
+
+def test_query_target_plans_mapping_transfer_export_and_report(tmp_path: Path) -> None:
+    query = tmp_path / "query.h5ad"
+    query.touch()  # a dry run reads no shard
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "query": {"input": str(query)}}))
+    output = snakemake("-n", "-p", "--cores", "2", "query", "--configfile", str(config)).stdout
+    for job in (*QUERY_JOBS, "train_scvi", "train_socam", "export"):  # the reference is built when it is this run's
+        assert f"rule {job}:" in output
+    assert "--features-from" not in output  # SOCAM on genes (the default features) reads the query's genes
+    assert output.count("--missing-genes zero") == 3
+    # an earlier run's reference: only the query's jobs
+    reference = tmp_path / "reference"
+    for path in ("scvi/scvi.ckpt", "socam/socam.ckpt"):
+        (reference / path).parent.mkdir(parents=True, exist_ok=True)
+        (reference / path).touch()
+    (reference / "export" / "cells.parquet").mkdir(parents=True)
+    config.write_text(yaml.safe_dump({"results": str(tmp_path / "results"), "train_socam": {"features": "scvi"},
+                                      "query": {"input": str(query), "reference": str(reference)}}))
+    output = snakemake("-n", "-p", "--cores", "2", "query", "--configfile", str(config)).stdout
+    assert "rule train_scvi:" not in output and "rule export:" not in output
+    for job in QUERY_JOBS:
+        assert f"rule {job}:" in output
+    assert f"--reference {reference}/scvi/scvi.ckpt" in output and "--features-from" in output
+
+
+def test_query_target_without_query_input_says_what_to_set(tmp_path: Path) -> None:
+    result = snakemake("-n", "--cores", "1", "query", "--config", f"results={tmp_path}/results", check=False)
+    assert result.returncode != 0 and "query.input" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_query_target_end_to_end_on_a_held_out_pbmc_source(pbmc_multibatch, tmp_path: Path) -> None:
+    """Reference: two labelled PBMC sources (1,200 cells, 2 shards); query: the held-out SoupX_pbmc4k
+    (500 cells) without 5% of the genes. scArches' architecture, SOCAM on the scVI latent."""
+    from conftest import split_into_shards
+
+    rng = np.random.default_rng(0)
+    source = pbmc_multibatch.obs["source"].astype(str).to_numpy()
+    reference_rows = rng.choice(np.flatnonzero(np.isin(source, ["MUDAN_reference", "scMINER_pbmc14k"])), 1200,
+                                replace=False)
+    reference = pbmc_multibatch[rng.permutation(reference_rows)].copy()
+    split_into_shards(reference, tmp_path / "reference_shards", 2)
+    kept_genes = np.sort(rng.choice(pbmc_multibatch.n_vars, int(pbmc_multibatch.n_vars * 0.95), replace=False))
+    query = pbmc_multibatch[np.sort(rng.choice(np.flatnonzero(source == "SoupX_pbmc4k"), 500, replace=False))]
+    query = query[:, kept_genes].copy()
+    query.obs["source"] = query.obs["source"].astype(str).astype("category")
+    (tmp_path / "query_shards").mkdir()
+    query.write_h5ad(tmp_path / "query_shards" / "query.h5ad")
+    results = tmp_path / "results"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        **TINY, "results": str(results), "input": str(tmp_path / "reference_shards" / "*.h5ad"),
+        "batch_key": "source", "cell_type_key": "cell_type_ontology_term_id", "hvg": {"n_top_genes": 300},
+        # enough optimizer steps for a latent and a classifier worth checking (TINY's are for plumbing)
+        "train_scvi": {**TINY["train_scvi"], "max_epochs": 20, "batch_size": 128, "encode_covariates": True,
+                       "use_layer_norm": "both", "use_batch_norm": "none", "val_fraction": 0.0},
+        "train_socam": {**TINY["train_socam"], "features": "scvi", "max_epochs": None},
+        "query": {"input": str(tmp_path / "query_shards" / "*.h5ad"), "train_scvi": {"max_epochs": 20}},
+    }))
+    snakemake("query", "--cores", "2", "--configfile", str(config))
+
+    log = (results / "logs" / "query_train_scvi.log").read_text()
+    assert "var_names lacks" in log and "read as zeros" in log
+    recipe = torch.load(results / "query" / "scvi" / "scvi.ckpt", weights_only=True)["cellarium_steps_recipe"]
+    assert recipe["data"]["batch_categories"][-1] == "SoupX_pbmc4k"
+    assert recipe["data"]["reference"]["new_batch_cells"] == {"SoupX_pbmc4k": 500}
+    # DuckDB reads the reference's and the query's exports as one table
+    exports = [f"{results}/export/cells.parquet/**/*.parquet", f"{results}/query/export/cells.parquet/**/*.parquet"]
+    rows = duckdb.sql(
+        f"select dataset, batch, count(*), count(distinct cell_id), count(cell_type), max(len(scvi_latent)) "
+        f"from read_parquet({exports}, hive_partitioning=true, union_by_name=true) group by all order by all"
+    ).fetchall()
+    counts = {(dataset, batch): (n, distinct, typed, width) for dataset, batch, n, distinct, typed, width in rows}
+    assert counts[("query", "SoupX_pbmc4k")] == (500, 500, 500, 6)
+    assert sum(n for (dataset, _), (n, *_) in counts.items() if dataset == "results") == 1200
+    assert {dataset for dataset, _ in counts} == {"results", "query"}
+    for plot in ("query_latent_by_dataset.png", "query_latent_by_cell_type.png", "query_cell_type_composition.png"):
+        assert (results / "query" / "report" / plot).stat().st_size > 5000
+    # the transferred labels: most query cells get a type their (coarser) label contains
+    from cellarium_steps.ontology import is_term_or_descendant
+
+    table = duckdb.sql(f"select cell_id, cell_type_ontology_term_id from read_parquet('{exports[1]}')").df()
+    truth = query.obs["cell_type_ontology_term_id"].astype(str).reindex(table["cell_id"]).to_numpy()
+    labelled = truth != "unknown"
+    assert np.mean(is_term_or_descendant(table["cell_type_ontology_term_id"][labelled], truth[labelled])) > 0.5

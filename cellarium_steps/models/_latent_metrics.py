@@ -251,3 +251,72 @@ def ordered_distance_matrix(matrix: pd.DataFrame, categories: Sequence[str]) -> 
         raise ValueError(f"ontology_distance_matrix has no row or column for {missing[:5]}")
     values = matrix.loc[list(categories), list(categories)].to_numpy(dtype=np.float64)
     return torch.from_numpy(values.copy())
+
+
+# -- reference mapping: label transfer and mixing by nearest neighbours ----------------------------------------
+
+
+def nearest_neighbours(z_nk: torch.Tensor, pool_mk: torch.Tensor, k: int, *, exclude_self: bool = False,
+                       chunk: int = 2048) -> torch.Tensor:
+    """Indices (n, k) of each row's ``k`` nearest rows of ``pool_mk`` (Euclidean), nearest first.
+
+    With ``exclude_self`` the rows are the pool's first n rows and a row is not its own neighbour.
+    Distances are computed ``chunk`` rows at a time, so memory is ``chunk x m``.
+    """
+    z_nk, pool_mk = torch.as_tensor(z_nk, dtype=torch.float32), torch.as_tensor(pool_mk, dtype=torch.float32)
+    if k > pool_mk.shape[0] - int(exclude_self):
+        raise ValueError(f"k={k} neighbours asked of a pool of {pool_mk.shape[0]} rows")
+    parts = []
+    for start in range(0, z_nk.shape[0], chunk):
+        distance_cm = torch.cdist(z_nk[start:start + chunk], pool_mk)
+        if exclude_self:
+            rows = torch.arange(distance_cm.shape[0])
+            distance_cm[rows, start + rows] = torch.inf
+        parts.append(distance_cm.topk(k, dim=1, largest=False).indices)
+    return torch.cat(parts) if parts else torch.zeros(0, k, dtype=torch.long)
+
+
+def knn_label_transfer(reference_z_mk: torch.Tensor, reference_code_m: torch.Tensor, query_z_nk: torch.Tensor,
+                       k: int = 15) -> torch.Tensor:
+    """Each query cell's label (code) by a majority vote of its ``k`` nearest reference cells; ties go to
+    the smallest code (as scikit-learn's ``KNeighborsClassifier``)."""
+    reference_code_m = torch.as_tensor(reference_code_m, dtype=torch.long)
+    neighbour_code_nk = reference_code_m[nearest_neighbours(query_z_nk, reference_z_mk, k)]
+    n_codes = int(reference_code_m.max()) + 1
+    votes_nc = torch.zeros(neighbour_code_nk.shape[0], n_codes).scatter_add_(
+        1, neighbour_code_nk, torch.ones_like(neighbour_code_nk, dtype=torch.float32))
+    return votes_nc.argmax(dim=1)
+
+
+def reference_neighbour_fraction(reference_z_mk: torch.Tensor, query_z_nk: torch.Tensor, k: int = 15) -> float:
+    """Mixing of a mapped query: for each query cell, the fraction of its ``k`` nearest neighbours among all
+    cells (reference and query, itself excluded) that are reference cells, averaged over the query cells.
+    Well mixed is the reference's share of the cells; 0 is a query apart from the reference."""
+    query_z_nk = torch.as_tensor(query_z_nk, dtype=torch.float32)
+    pool = torch.cat([query_z_nk, torch.as_tensor(reference_z_mk, dtype=torch.float32)])
+    neighbour_nk = nearest_neighbours(query_z_nk, pool, k, exclude_self=True)
+    return float((neighbour_nk >= query_z_nk.shape[0]).float().mean())
+
+
+def mapping_metrics(reference_z_mk: np.ndarray, reference_labels_m: np.ndarray, query_z_nk: np.ndarray,
+                    query_labels_n: np.ndarray, k: int = 15) -> dict[str, float]:
+    """How well a query is mapped onto a reference, from the latent means of both.
+
+    ``accuracy``: a ``k``-NN vote of the labelled reference cells gives each labelled query cell a
+    reference label, right when it is the query's label or one of its descendants (labels are Cell
+    Ontology ids, possibly at other depths on the two sides); ``mixing``:
+    :func:`reference_neighbour_fraction` over every cell; ``n_scored``: the labelled query cells.
+    """
+    from cellarium_steps.ontology import is_term_or_descendant, is_unlabelled
+
+    reference_labels_m, query_labels_n = np.asarray(reference_labels_m), np.asarray(query_labels_n)
+    voters = np.array([not is_unlabelled(v) for v in reference_labels_m], dtype=bool)
+    scored = np.array([not is_unlabelled(v) for v in query_labels_n], dtype=bool)
+    classes, codes = np.unique(reference_labels_m[voters].astype(str), return_inverse=True)
+    predicted = classes[knn_label_transfer(torch.as_tensor(reference_z_mk[voters]), torch.as_tensor(codes),
+                                           torch.as_tensor(query_z_nk[scored]), k).numpy()]
+    return {
+        "accuracy": float(np.mean(is_term_or_descendant(predicted, query_labels_n[scored].astype(str)))),
+        "mixing": reference_neighbour_fraction(torch.as_tensor(reference_z_mk), torch.as_tensor(query_z_nk), k),
+        "n_scored": int(scored.sum()),
+    }

@@ -291,22 +291,30 @@ class HiddenStack(nn.Module):
         return x_nh
 
 
-def scvi_tools_default_architecture(n_hidden: int = 128, n_layers: int = 1) -> tuple[dict, dict]:
-    """Encoder and decoder dicts of scvi-tools' default ``VAE``.
+def scvi_tools_default_architecture(
+    n_hidden: int = 128, n_layers: int = 1, *, encode_covariates: bool = False, deeply_inject_covariates: bool = True
+) -> tuple[dict, dict]:
+    """Encoder and decoder dicts of scvi-tools' ``VAE`` (its defaults: the default ``VAE``).
 
-    The encoder sees only the (log1p) counts (``encode_covariates=False``); each decoder hidden
-    layer sees the batch and categorical covariates (``deeply_inject_covariates=True``); the
-    normalized-expression head is a plain linear layer.
+    ``encode_covariates=False``: the encoder sees only the (log1p) counts, a stack of ``Linear`` layers.
+    ``True``: its first hidden layer also sees the batch and categorical covariates
+    (``LinearWithBatchAndCovariates``), and the later ones with ``deeply_inject_covariates``. The
+    decoder's first hidden layer always sees them, the later ones with ``deeply_inject_covariates``
+    (as scvi-tools' ``FCLayers.inject_into_layer``). Final layers (the latent mean and variance, the
+    normalized-expression head) are plain linear layers.
     """
-    encoder = {
-        "hidden_layers": [{"class_path": "Linear", "init_args": {"out_features": n_hidden}} for _ in range(n_layers)],
-        "final_layer": {"class_path": "Linear", "init_args": {}},
-    }
+
+    def stack(injects: bool) -> list[dict]:
+        def layer(i: int) -> dict:
+            inject = injects and (i == 0 or deeply_inject_covariates)
+            return {"class_path": "LinearWithBatchAndCovariates" if inject else "Linear",
+                    "init_args": {"out_features": n_hidden}}
+
+        return [layer(i) for i in range(n_layers)]
+
+    encoder = {"hidden_layers": stack(encode_covariates), "final_layer": {"class_path": "Linear", "init_args": {}}}
     decoder = {
-        "hidden_layers": [
-            {"class_path": "LinearWithBatchAndCovariates", "init_args": {"out_features": n_hidden}}
-            for _ in range(n_layers)
-        ],
+        "hidden_layers": stack(True),
         "final_layer": {"class_path": "Linear", "init_args": {}},
         "final_additive_bias": False,
     }

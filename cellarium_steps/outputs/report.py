@@ -26,7 +26,15 @@ PLOTS = {
     "latent_by_cell_type.png": "--cells",
     "cell_type_composition.png": "--cells",
 }
+#: the query report (``--query-cells``): a mapped query beside its reference
+QUERY_PLOTS = {
+    "query_latent_by_dataset.png": "reference and query cells in the mapped latent",
+    "query_latent_by_cell_type.png": "the same cells by predicted cell type",
+    "query_cell_type_composition.png": "predicted cell types per query batch",
+}
 MAX_LEGEND = 12
+#: neighbours of the mixing number in the query report's title
+MIXING_NEIGHBOURS = 15
 
 
 # -- figures ------------------------------------------------------------------------------------------------
@@ -277,15 +285,69 @@ def plot_cells(output: str, cells: str, *, latent_column: str, sample_size: int,
                      " (no predictions)", paths["cell_type_composition.png"])
 
 
+def _same_rate(reference: CellSample, query: CellSample, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of each sample such that both keep the same fraction of their cells (the smaller one's), so
+    that neighbour counts between them mean what they would on every cell."""
+    rate = min(len(reference.batch) / reference.seen, len(query.batch) / query.seen)
+    rng = np.random.default_rng(seed)
+
+    def rows(sample: CellSample) -> np.ndarray:
+        return np.sort(rng.choice(len(sample.batch), max(1, round(rate * sample.seen)), replace=False))
+
+    return rows(reference), rows(query)
+
+
+def plot_query(output: str, cells: str, query_cells: str, *, latent_column: str, sample_size: int, layout: str,
+               seed: int) -> None:
+    """:data:`QUERY_PLOTS`: the reference's and the query's cells (uniform samples at the same rate) in one
+    2-D layout of the mapped latent, by dataset and by predicted type, and the query's predicted types per
+    batch (every query cell); the title gives the query's mixing with the reference."""
+    from cellarium_steps.models._latent_metrics import reference_neighbour_fraction
+
+    reference, type_column = sample_cells(cells, latent_column, sample_size, seed)
+    query, query_type_column = sample_cells(query_cells, latent_column, sample_size, seed + 1)
+    rows_r, rows_q = _same_rate(reference, query, seed)
+    latent = np.concatenate([reference.latent[rows_r], query.latent[rows_q]])
+    dataset = np.array(["reference"] * len(rows_r) + ["query"] * len(rows_q), dtype=object)
+    cell_type = np.concatenate([reference.cell_type[rows_r], query.cell_type[rows_q]])
+    xy, axis_names = layout_2d(latent, layout, seed)
+    k = min(MIXING_NEIGHBOURS, len(latent) - 1)
+    mixing = reference_neighbour_fraction(reference.latent[rows_r], query.latent[rows_q], k) if k >= 1 else float("nan")
+    n = f"{len(rows_r):,} of {reference.seen:,} reference and {len(rows_q):,} of {query.seen:,} query cells"
+    plot_scatter(xy, dataset, axis_names, f"{latent_column}: {n}\nquery cells' {k} nearest neighbours: "
+                 f"{mixing:.0%} reference (their share of the cells drawn: {len(rows_r) / len(latent):.0%})",
+                 os.path.join(output, "query_latent_by_dataset.png"), sort_legend=True)
+    column = query_type_column or type_column
+    if column is None:
+        _placeholder(os.path.join(output, "query_latent_by_cell_type.png"), "Predicted cell type",
+                     "neither export has predicted cell types (set cell_type_key to train SOCAM)")
+    else:
+        plot_scatter(xy, cell_type, axis_names, f"{latent_column} by predicted {column} ({n})",
+                     os.path.join(output, "query_latent_by_cell_type.png"))
+    plot_composition(query.counts, f" of the query (predicted {query_type_column}, all {query.seen:,} cells)"
+                     if query_type_column else " of the query (no predictions)",
+                     os.path.join(output, "query_cell_type_composition.png"))
+
+
 def write_report(
     *, output: str, hvg: str | None = None, pca_variance: str | None = None, scvi_metrics: str | None = None,
-    cells: str | None = None, latent_column: str = "scvi_latent", sample_size: int = 20_000, layout: str = "pca",
-    seed: int = 0, provenance: dict | None = None,
+    cells: str | None = None, query_cells: str | None = None, latent_column: str = "scvi_latent",
+    sample_size: int = 20_000, layout: str = "pca", seed: int = 0, provenance: dict | None = None,
 ) -> None:
-    """Every plot of :data:`PLOTS` in ``output`` (a placeholder image where its input is not given)."""
+    """Every plot of :data:`PLOTS` in ``output`` (a placeholder image where its input is not given); with
+    ``query_cells`` (a mapped query's export) the :data:`QUERY_PLOTS` instead, ``cells`` being the reference's."""
     if sample_size < 1:
         raise InputError(f"--sample-size: must be at least 1, got {sample_size}")
     os.makedirs(output, exist_ok=True)
+    if query_cells:
+        if not cells:
+            raise InputError("--query-cells: give the reference's export as --cells")
+        plot_query(output, cells, query_cells, latent_column=latent_column, sample_size=sample_size, layout=layout,
+                   seed=seed)
+        write_json_atomically(json.dumps(provenance or {}, default=str, sort_keys=True),
+                              os.path.join(output, "provenance.json"))
+        logger.info("wrote %d plots to %s", len(QUERY_PLOTS), output)
+        return
     jobs: list[tuple[str | None, str, Callable[[str, str], None]]] = [
         (hvg, "hvg_mean_variance.png", plot_hvg),
         (pca_variance, "pca_variance.png", plot_pca_variance),

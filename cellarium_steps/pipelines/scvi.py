@@ -1,10 +1,11 @@
 """scVI trained on raw counts streamed from the shards: the defaults users get (scvi-tools' model and
-optimizer, a KL warm-up that ends on large data), the held-out split and its validation, the recipe."""
+optimizer, a KL warm-up that ends on large data; the architecture in :mod:`.scvi_model`), the held-out
+split and its validation, the recipe; and a reference mapping (:mod:`.mapping`) trained the same way."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,9 +19,27 @@ from cellarium_steps.data.dataset import ShardedCellDataset, collate_identity
 from cellarium_steps.data.errors import ConfigError
 from cellarium_steps.data.labels import require_labels, scan_labels
 from cellarium_steps.data.options import DataOptions, recorded_covariates, recorded_source
-from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
+from cellarium_steps.data.shards import open_shards
+from cellarium_steps.models.scvi import SingleCellVariationalInference
 from cellarium_steps.ontology import compute_cl_distance_matrix, is_unlabelled, ontology_version
 from cellarium_steps.outputs.genes import selected_genes
+from cellarium_steps.pipelines.mapping import (
+    Query,
+    Reference,
+    load_reference,
+    open_query,
+    prepare_query_module,
+    reference_entry,
+    refuse_architecture_options,
+)
+from cellarium_steps.pipelines.query_data import DEFAULT_MAX_MISSING_GENES_FRACTION, check_missing_genes_options
+from cellarium_steps.pipelines.scvi_model import (
+    model_arguments,
+    query_model_spec,
+    read_model_config,
+    scvi_model_spec,
+    warmup_is_set,
+)
 from cellarium_steps.runner import CellariumModule
 from cellarium_steps.runner.recipe import RECIPE_KEY, load_checkpoint, spec
 from cellarium_steps.runner.training import fit_and_publish, resumable_trainer
@@ -33,40 +52,27 @@ logger = logging.getLogger("cellarium_steps")
 MAX_DEFAULT_KL_WARMUP_STEPS = 5000
 
 
-def optimizer_kwargs(learning_rate: float) -> dict[str, Any]:
-    """scvi-tools' training plan's Adam (eps 0.01, weight decay 1e-6), as one fused kernel per step."""
-    return {"lr": learning_rate, "eps": 0.01, "weight_decay": 1e-6, "fused": True}
+def optimizer_kwargs(learning_rate: float, weight_decay: float = 1e-6) -> dict[str, Any]:
+    """scvi-tools' training plan's Adam (eps 0.01, weight decay 1e-6), as one fused kernel per step. A reference
+    mapping trains without weight decay (as scvi-tools' reference-mapping tutorial), so that entries kept
+    frozen by their gradient hooks never move."""
+    return {"lr": learning_rate, "eps": 0.01, "weight_decay": weight_decay, "fused": True}
 
 
 def default_kl_warmup_steps(max_epochs: int, steps_per_epoch: int) -> int:
     return max(1, min(MAX_DEFAULT_KL_WARMUP_STEPS, (max_epochs * steps_per_epoch) // 4))
 
 
-def scvi_model_spec(var_names_g: Sequence[str], *, n_batch: int, n_latent: int, n_hidden: int, n_layers: int,
-                    kl_warmup_steps: int, n_cats_per_cov: Sequence[int] = (),
-                    n_continuous_cov: int = 0) -> dict[str, Any]:
-    """scvi-tools' default scVI (gene_likelihood="nb", dispersion="gene"), KL warm-up by steps; covariates
-    (each category count, the continuous ones' number) only when there are any."""
-    encoder, decoder = scvi_tools_default_architecture(n_hidden, n_layers)
-    covariates: dict[str, Any] = {}
-    if n_cats_per_cov:
-        covariates["n_cats_per_cov"] = list(n_cats_per_cov)
-    if n_continuous_cov:
-        covariates["n_continuous_cov"] = n_continuous_cov
-    return spec(
-        SingleCellVariationalInference, var_names_g=var_names_g, encoder=encoder, decoder=decoder,
-        n_batch=n_batch, n_latent=n_latent, gene_likelihood="nb", dispersion="gene",
-        kl_warmup_epochs=None, kl_warmup_steps=kl_warmup_steps, **covariates,
-    )
-
-
-def check_options(*, output: str, max_epochs: int, n_latent: int, n_hidden: int, n_layers: int,
-                  learning_rate: float, kl_warmup_steps: int | None, val_fraction: float,
-                  cell_type_key: str | None, val_reservoir_size: int) -> None:
-    for name, value in (("max_epochs", max_epochs), ("n_latent", n_latent), ("n_hidden", n_hidden),
-                        ("n_layers", n_layers)):
-        if value < 1:
+def check_options(*, output: str, max_epochs: int, learning_rate: float, kl_warmup_steps: int | None,
+                  val_fraction: float, cell_type_key: str | None, val_reservoir_size: int,
+                  architecture: dict[str, Any]) -> None:
+    for name in ("max_epochs", "n_latent", "n_hidden", "n_layers"):
+        value = max_epochs if name == "max_epochs" else architecture.get(name)
+        if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1, got {value}")
+    dropout_rate = architecture.get("dropout_rate")
+    if dropout_rate is not None and not 0.0 <= dropout_rate < 1.0:
+        raise ConfigError(f"--dropout-rate: must be in [0, 1), got {dropout_rate}")
     if not learning_rate > 0:
         raise ConfigError(f"--learning-rate: must be positive, got {learning_rate}")
     if kl_warmup_steps is not None and kl_warmup_steps < 0:
@@ -185,9 +191,21 @@ def train_scvi(
     categorical_covariate_keys: str | Sequence[str] | None = None,
     continuous_covariate_keys: str | Sequence[str] | None = None,
     max_epochs: int = 20,
-    n_latent: int = 10,
-    n_hidden: int = 128,
-    n_layers: int = 1,
+    n_latent: int | None = None,
+    n_hidden: int | None = None,
+    n_layers: int | None = None,
+    encode_covariates: bool | None = None,
+    use_layer_norm: str | None = None,
+    use_batch_norm: str | None = None,
+    dropout_rate: float | None = None,
+    dispersion: str | None = None,
+    gene_likelihood: str | None = None,
+    use_flow: bool | None = None,
+    batch_embedded: bool | None = None,
+    model_config: str | Mapping[str, Any] | None = None,
+    reference: str | None = None,
+    missing_genes: str = "error",
+    max_missing_genes_fraction: float = DEFAULT_MAX_MISSING_GENES_FRACTION,
     learning_rate: float = 1e-3,
     kl_warmup_steps: int | None = None,
     val_fraction: float = 0.0,
@@ -203,29 +221,63 @@ def train_scvi(
     provenance: dict[str, Any] | None = None,
 ) -> CellariumModule:
     """Train scVI (resuming from ``<output>.d/last.ckpt`` if an interrupted run left one) and publish the
-    checkpoint at ``output`` with its per-epoch metrics and provenance."""
-    check_options(output=output, max_epochs=max_epochs, n_latent=n_latent, n_hidden=n_hidden, n_layers=n_layers,
-                  learning_rate=learning_rate, kl_warmup_steps=kl_warmup_steps, val_fraction=val_fraction,
-                  cell_type_key=cell_type_key, val_reservoir_size=val_reservoir_size)
+    checkpoint at ``output`` with its per-epoch metrics and provenance.
+
+    The architecture options left None are scvi-tools' defaults (:data:`ARCHITECTURE_DEFAULTS`), or
+    ``model_config``'s (a YAML path or a dict of the constructor's arguments). With ``reference`` (a
+    train-scvi checkpoint) the model is instead the reference's, mapped onto the query ``inputs``
+    (:mod:`cellarium_steps.pipelines.mapping`): read with the reference's covariates, counts matrix and gene
+    names (unless ``data_options`` say otherwise), its new batches and covariate categories added; the
+    reference's genes it lacks are read as zeros when ``missing_genes="zero"``.
+    """
+    architecture = {"n_latent": n_latent, "n_hidden": n_hidden, "n_layers": n_layers,
+                    "encode_covariates": encode_covariates, "use_layer_norm": use_layer_norm,
+                    "use_batch_norm": use_batch_norm, "dropout_rate": dropout_rate, "dispersion": dispersion,
+                    "gene_likelihood": gene_likelihood, "use_flow": use_flow, "batch_embedded": batch_embedded}
+    check_options(output=output, max_epochs=max_epochs, learning_rate=learning_rate, kl_warmup_steps=kl_warmup_steps,
+                  val_fraction=val_fraction, cell_type_key=cell_type_key, val_reservoir_size=val_reservoir_size,
+                  architecture=architecture)
+    check_missing_genes_options(missing_genes, max_missing_genes_fraction)
     validating = val_fraction > 0
+    obs_columns = (cell_type_key,) if cell_type_key else ()
+    mapped: Reference | None = None
+    query: Query | None = None
+    arguments: dict[str, Any] = {}
+    if reference:
+        refuse_architecture_options({**architecture, "genes": genes, "model_config": model_config,
+                                     "categorical_covariate_keys": categorical_covariate_keys,
+                                     "continuous_covariate_keys": continuous_covariate_keys})
+        mapped = load_reference(reference)
+        query = open_query(mapped, inputs, batch_key=batch_key, obs_columns=obs_columns, missing_genes=missing_genes,
+                           max_missing_genes_fraction=max_missing_genes_fraction, data_options=data_options)
+        batch_key, collection = query.batch_key, query.collection
+        gene_list: list[str] | None = mapped.genes
+        read_genes = [g for g in mapped.genes if g not in set(query.missing_genes)]
+    else:
+        config = read_model_config(model_config) if isinstance(model_config, str) else model_config
+        arguments = model_arguments(architecture, config, str(model_config or ""))
+        if kl_warmup_steps is not None and warmup_is_set(arguments):
+            raise ConfigError(f"--kl-warmup-steps: --model-config {model_config} sets the KL warm-up")
+        collection = open_shards(
+            inputs, batch_key=batch_key, obs_columns=obs_columns, categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys, **(data_options or DataOptions()).open_kwargs(),
+        )
+        gene_list = selected_genes(genes, collection.var_names_g, collection.shards[0].path)
+        read_genes = gene_list
     datamodule = (ScviDataModule if validating else ShardDataModule)(
-        inputs, batch_size=batch_size, batch_key=batch_key, num_workers=num_workers,
-        shuffle=True, seed=seed, obs_columns=(cell_type_key,) if cell_type_key else (),
+        inputs, batch_size=batch_size, num_workers=num_workers, shuffle=True, seed=seed, collection=collection,
         # The model's library size is the observed one (no use_size_factor_key), and only the
         # held-out split names cells: neither column is read otherwise.
-        with_totals=False, with_obs_names=validating, categorical_covariate_keys=categorical_covariate_keys,
-        continuous_covariate_keys=continuous_covariate_keys, **(data_options or DataOptions()).open_kwargs(),
+        with_totals=False, with_obs_names=validating,
     )
-    collection = datamodule.collection
     cell_types: list[str] = []
     if cell_type_key:
         summary = scan_labels(collection, cell_type_key)
         require_labels(summary, inputs)
         cell_types = summary.labels
-    gene_list = selected_genes(genes, collection.var_names_g, collection.shards[0].path)
     var_names_g = np.asarray(gene_list if gene_list is not None else collection.var_names_g)
-    if gene_list is not None:
-        datamodule.select_genes(gene_list)
+    if read_genes is not None:
+        datamodule.select_genes(read_genes)
     n_batch = collection.n_batch if batch_key else 1
 
     trainer, resume_from = resumable_trainer(output=output, devices=devices, accelerator=accelerator,
@@ -235,34 +287,48 @@ def train_scvi(
     if kl_warmup_steps is None and resume_from:
         # A resumed run keeps the interrupted run's schedule, even if max_epochs changed.
         kl_warmup_steps = load_checkpoint(resume_from)[RECIPE_KEY]["model"]["init_args"]["kl_warmup_steps"]
-    if kl_warmup_steps is None:
+    if kl_warmup_steps is None and not warmup_is_set(arguments):
         kl_warmup_steps = default_kl_warmup_steps(max_epochs, steps_per_epoch)
+    if mapped is not None:
+        assert kl_warmup_steps is not None
+        model_spec = query_model_spec(mapped.recipe["model"], n_batch=n_batch, kl_warmup_steps=kl_warmup_steps,
+                                      n_cats_per_cov=[len(c) for c in collection.covariate_categories])
+    else:
+        model_spec = scvi_model_spec(var_names_g, n_batch=n_batch, kl_warmup_steps=kl_warmup_steps,
+                                     arguments=arguments, n_cats_per_cov=[len(c) for c in collection.covariate_categories],
+                                     n_continuous_cov=len(collection.continuous_covariate_keys))
+    n_latent = int(model_spec["init_args"]["n_latent"])
     logger.info(
-        "%d cells, %d genes, %d batches; %d steps per epoch per device, KL warm-up over %d steps",
-        collection.n_obs, len(var_names_g), n_batch, steps_per_epoch, kl_warmup_steps,
+        "%d cells, %d genes, %d batches%s; %d steps per epoch per device, KL warm-up over %s steps",
+        collection.n_obs, len(var_names_g), n_batch,
+        f" ({n_batch - mapped.model.n_batch} new, mapped onto {reference})" if mapped is not None else "",
+        steps_per_epoch, model_spec["init_args"]["kl_warmup_steps"],
     )
 
     pl.seed_everything(seed, workers=True, verbose=False)
     provenance = provenance or {}
+    data: dict[str, Any] = {
+        "input_var_names_g": collection.var_names_g,
+        "source": recorded_source(collection),
+        "batch_key": collection.batch_key,
+        "batch_categories": collection.batch_categories,
+        "covariates": recorded_covariates(collection),
+        "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": n_latent},
+        "validation": {"val_fraction": val_fraction, "cell_type_key": cell_type_key,
+                       "cell_types": cell_types, "ontology": ontology_version() if cell_types else None},
+    }
+    if mapped is not None and query is not None:
+        data["reference"] = reference_entry(mapped, query)
     recipe = {
-        "model": scvi_model_spec(var_names_g, n_batch=n_batch, n_latent=n_latent, n_hidden=n_hidden,
-                                 n_layers=n_layers, kl_warmup_steps=kl_warmup_steps,
-                                 n_cats_per_cov=[len(c) for c in collection.covariate_categories],
-                                 n_continuous_cov=len(collection.continuous_covariate_keys)),
+        "model": model_spec,
         "transforms": [spec(Filter, filter_list=gene_list)] if gene_list is not None else [],
-        "data": {
-            "input_var_names_g": collection.var_names_g,
-            "source": recorded_source(collection),
-            "batch_key": collection.batch_key,
-            "batch_categories": collection.batch_categories,
-            "covariates": recorded_covariates(collection),
-            "prediction": {"key": "x_ng", "column": "scvi_latent", "dim": n_latent},
-            "validation": {"val_fraction": val_fraction, "cell_type_key": cell_type_key,
-                           "cell_types": cell_types, "ontology": ontology_version() if cell_types else None},
-        },
+        "data": data,
         "provenance": provenance,
     }
-    module_kwargs: dict[str, Any] = {"optim_kwargs": optimizer_kwargs(learning_rate), "seed": seed}
+    module_kwargs: dict[str, Any] = {
+        "optim_kwargs": optimizer_kwargs(learning_rate, weight_decay=0.0 if mapped is not None else 1e-6),
+        "seed": seed,
+    }
     if not validating:
         module = CellariumModule.from_recipe(recipe, **module_kwargs)
     else:
@@ -279,5 +345,7 @@ def train_scvi(
             held_out=HeldOutCells(val_fraction, seed), cell_type_key=cell_type_key,
             cell_type_categories=cell_types, recipe=recipe, **module_kwargs,
         )
+    if mapped is not None and query is not None:
+        prepare_query_module(module, mapped, query, fresh=not resume_from)
     fit_and_publish(trainer, module, datamodule, resume_from, output, provenance)
     return module

@@ -10,6 +10,7 @@ Recipes hold only JSON-like values (arrays become lists), so checkpoints load wi
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from typing import Any
 
@@ -52,3 +53,14 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(checkpoint, dict) or RECIPE_KEY not in checkpoint:
         raise ValueError(f"{path}: not a cellarium-steps checkpoint (no {RECIPE_KEY!r} entry)")
     return checkpoint
+
+
+def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """A hash of a model's weights (names, dtypes, shapes, values): two models with the same fingerprint
+    compute the same function. A query mapped from a reference records the reference's."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

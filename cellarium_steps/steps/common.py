@@ -92,6 +92,19 @@ def add_data_arguments(group: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_missing_genes_arguments(group: argparse._ArgumentGroup) -> None:
+    """The options of steps that read a trained model's genes from new data (predict, train-scvi --reference)."""
+    group.add_argument(
+        "--missing-genes", choices=("error", "zero"), default="error",
+        help="a gene of the model that the shards lack: error (default) or zero (read as zeros, with a warning "
+        "that counts and names them; refused above --max-missing-genes-fraction)",
+    )
+    group.add_argument(
+        "--max-missing-genes-fraction", type=float, default=0.1, metavar="F",
+        help="with --missing-genes zero, the largest fraction of the model's genes that may be missing (default: 0.1)",
+    )
+
+
 def parse_step_args(parser: argparse.ArgumentParser, argv: Sequence[str], required: Sequence[str] = ("input", "output")) -> argparse.Namespace:
     """Parse argv on top of --config defaults; unknown config keys and missing options are errors."""
     pre, _ = parser.parse_known_args(argv)

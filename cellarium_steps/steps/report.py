@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cellarium_steps.outputs.report import PLOTS, write_report
+from cellarium_steps.outputs.report import PLOTS, QUERY_PLOTS, write_report
 from cellarium_steps.steps.common import call_pipeline, provenance
 
 NAME = "report"
@@ -13,6 +13,12 @@ REQUIRED = ("output",)
 EPILOG = f"""outputs (in the --output directory; a plot whose input is not given says so in the image):
 {chr(10).join(f"  {name:28s} from {flag}" for name, flag in PLOTS.items())}
   provenance.json              the run's config and versions
+with --query-cells (a query mapped onto the --cells reference: train-scvi --reference, then its export),
+instead:
+{chr(10).join(f"  {name:32s} {what}" for name, what in QUERY_PLOTS.items())}
+  the first's title gives the query's mixing: the share of reference cells among each query cell's 15
+  nearest neighbours in the latent (reference and query drawn at the same rate), beside the reference's
+  share of the cells drawn (what a perfectly mixed query would reach)
 
 per-cell data:
   the export (--cells) is streamed once: the cell-type counts per batch are exact over every cell; the
@@ -31,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pca-variance", metavar="CSV", help="pca's <stem>_variance.csv")
     parser.add_argument("--scvi-metrics", metavar="CSV", help="train-scvi's OUTPUT.metrics.csv (epoch, train_loss, val_loss)")
     parser.add_argument("--cells", metavar="DIR", help="the export's Parquet dataset (scvi_latent, batch, cell_type)")
+    parser.add_argument("--query-cells", metavar="DIR",
+                        help="a mapped query's export: plot it beside the --cells reference (the query report)")
     parser.add_argument("--latent-column", default="scvi_latent", metavar="COLUMN",
                         help="the embedding to draw in 2-D (default: scvi_latent)")
     parser.add_argument("--sample-size", type=int, default=20_000, metavar="N",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from cellarium_steps.pipelines.scvi import MAX_DEFAULT_KL_WARMUP_STEPS, train_scvi
-from cellarium_steps.steps.common import add_common_arguments, call_pipeline, provenance
+from cellarium_steps.pipelines.scvi_model import ARCHITECTURE_DEFAULTS as DEFAULTS
+from cellarium_steps.steps.common import add_common_arguments, add_missing_genes_arguments, call_pipeline, provenance
 
 NAME = "train-scvi"
 HELP = "train an scVI model (negative binomial VAE with batch correction) on raw counts, streamed"
@@ -13,7 +14,14 @@ EPILOG = f"""model:
   scvi-tools' default scVI (scvi.model.SCVI with gene_likelihood="nb", dispersion="gene"): the encoder
   reads log1p counts, each decoder hidden layer also reads the one-hot batch (--batch-key), batch norm
   in both, dropout 0.1 in the encoder, observed library size. Counts stay raw: the model takes log1p
-  itself. Non-integer values in the counts matrix (--counts) are an error.
+  itself. Non-integer values in the counts matrix (--counts) are an error. The architecture options
+  change it as scvi-tools' arguments of the same names do; --encode-covariates is encode_covariates=True
+  with deeply_inject_covariates=False (the batch and categorical covariates enter the first hidden layer
+  of encoder and decoder).
+  scArches' recommended reference for mapping: --encode-covariates --use-layer-norm both --use-batch-norm none.
+  --model-config YAML sets any other SingleCellVariationalInference argument by its own name (a mapping,
+  or cellarium-ml's class_path/init_args), e.g. encoder and decoder dicts, input_gene_dropout_rate,
+  z_kl_weight_max, kl_warmup_epochs; an option given on the command line must agree with it.
 
 covariates:
   --categorical-covariate-keys a,b   obs columns the decoder also reads, one-hot (scvi-tools'
@@ -25,6 +33,19 @@ covariates:
   --continuous-covariate-keys c,d    numeric obs columns the decoder also reads (scvi-tools'
                                      continuous_covariate_keys), as float64; a missing or NaN value is an
                                      error naming file, column and row
+
+reference mapping (--reference REF.ckpt):
+  maps the --input query onto a trained train-scvi checkpoint, as scvi-tools' load_query_data and
+  scArches do: the reference's architecture, genes and weights are kept, the query's batches that the
+  reference did not see are added after the reference's (whose codes stay), and only the new batches'
+  parameters are trained (their columns in every layer that reads the batch, or their rows of the
+  batch embedding; also, as scvi-tools, the decoder's batch norm), streamed like any training, without
+  weight decay. The query checkpoint embeds reference and query cells in one latent space; reference
+  cells keep their latent means (to float rounding). --batch-key defaults to the reference's; the
+  covariates' columns, the counts matrix and gene names are the reference's, and new categories of its
+  categorical covariates are added (and trained) as new batches are. Reference genes the query lacks:
+  an error, or --missing-genes zero (read as zeros). The architecture options, --genes, --model-config
+  and the covariate options do not combine with --reference.
 
 KL warm-up:
   the KL weight rises linearly from 0 to 1 over --kl-warmup-steps optimizer steps. The default is a
@@ -51,7 +72,9 @@ outputs:
                             that rebuilds the pipeline (the --genes filter and the model's constructor
                             arguments), the shards' genes, --batch-key and its categories (batch index
                             i is category i), the covariates' columns and categories, the counts matrix
-                            and gene names read (--counts, --var-names), provenance. `cellarium-steps predict --checkpoint` and
+                            and gene names read (--counts, --var-names), provenance; with --reference also
+                            data.reference (its path, a fingerprint of its weights, its batches, the new
+                            batches' cell counts, the genes read as zeros). `cellarium-steps predict --checkpoint` and
                             CellariumModule.from_checkpoint() use it.
   OUTPUT.d/last.ckpt        checkpoint of the last finished epoch, written atomically every epoch; a run
                             started again with the same options resumes from it
@@ -63,7 +86,9 @@ outputs:
 example:
   cellarium-steps hvg --input 'shards/*.h5ad' --batch-key batch --n-top-genes 2000 --output out/hvg.csv
   cellarium-steps train-scvi --input 'shards/*.h5ad' --batch-key batch --genes out/hvg.csv \\
-      --output out/scvi.ckpt"""
+      --encode-covariates --use-layer-norm both --use-batch-norm none --output out/scvi.ckpt
+  cellarium-steps train-scvi --reference out/scvi.ckpt --input 'query/*.h5ad' --batch-key batch \\
+      --missing-genes zero --max-epochs 100 --output out/query_scvi.ckpt"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,11 +101,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "highly variable ones are used) or a text file with one gene per line (default: all genes)",
     )
     group.add_argument("--max-epochs", type=int, default=20, metavar="N", help="passes over the data (default: 20)")
-    group.add_argument("--n-latent", type=int, default=10, metavar="K", help="latent dimensions (default: 10)")
-    group.add_argument("--n-hidden", type=int, default=128, metavar="N", help="units per hidden layer (default: 128)")
-    group.add_argument(
-        "--n-layers", type=int, default=1, metavar="N", help="hidden layers in encoder and decoder (default: 1)"
-    )
+    arch = parser.add_argument_group("train-scvi architecture (default: scvi-tools' SCVI)")
+    arch.add_argument("--n-latent", type=int, metavar="K", help=f"latent dimensions (default: {DEFAULTS['n_latent']})")
+    arch.add_argument("--n-hidden", type=int, metavar="N",
+                      help=f"units per hidden layer (default: {DEFAULTS['n_hidden']})")
+    arch.add_argument("--n-layers", type=int, metavar="N",
+                      help=f"hidden layers in encoder and decoder (default: {DEFAULTS['n_layers']})")
+    arch.add_argument("--encode-covariates", action=argparse.BooleanOptionalAction, default=None,
+                      help="the encoder's first hidden layer also reads the batch (default: off)")
+    for name in ("use_layer_norm", "use_batch_norm"):
+        arch.add_argument(f"--{name.replace('_', '-')}", choices=("none", "encoder", "decoder", "both"),
+                          help=f"where hidden layers get {'LayerNorm' if 'layer' in name else 'BatchNorm1d'} "
+                          f"(default: {DEFAULTS[name]})")
+    arch.add_argument("--dropout-rate", type=float, metavar="P",
+                      help=f"dropout after each encoder hidden layer (default: {DEFAULTS['dropout_rate']})")
+    arch.add_argument("--dispersion", choices=("gene", "gene-batch", "gene-cell"),
+                      help="the negative binomial's inverse dispersion: per gene, per gene and batch, or decoded "
+                      "per cell (default: gene)")
+    arch.add_argument("--gene-likelihood", choices=("nb", "poisson"), help="count distribution (default: nb)")
+    arch.add_argument("--use-flow", action=argparse.BooleanOptionalAction, default=None,
+                      help="a spline flow prior on the latent instead of N(0, I) (default: off)")
+    arch.add_argument("--batch-embedded", action=argparse.BooleanOptionalAction, default=None,
+                      help="a learned batch embedding instead of the one-hot batch (default: off)")
+    arch.add_argument("--model-config", metavar="YAML",
+                      help="any other SingleCellVariationalInference arguments, by their own names")
+    mapping = parser.add_argument_group("reference mapping")
+    mapping.add_argument("--reference", metavar="CKPT",
+                         help="map the --input query onto this train-scvi checkpoint (see 'reference mapping')")
+    add_missing_genes_arguments(mapping)
     group.add_argument(
         "--learning-rate", type=float, default=1e-3, metavar="LR", help="Adam learning rate (default: 1e-3)"
     )

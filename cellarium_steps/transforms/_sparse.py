@@ -45,6 +45,17 @@ def select_rows(x_ng: torch.Tensor, index_m: torch.Tensor) -> torch.Tensor:
                 torch.Size((len(index_m), x_ng.shape[1])))
 
 
+def spread_columns(x_nm: torch.Tensor, position_m: torch.Tensor, n_columns: int) -> torch.Tensor:
+    """An (n, n_columns) matrix whose column ``position_m[j]`` is column j of ``x_nm`` and whose other
+    columns are zeros. A sparse CSR input stays sparse: only its column ids change, nothing is densified."""
+    position_m = position_m.to(x_nm.device)
+    if x_nm.layout == torch.sparse_csr:
+        col = x_nm.col_indices()
+        return _csr(x_nm.crow_indices(), position_m[col.long()].to(col.dtype), x_nm.values(),
+                    torch.Size((x_nm.shape[0], n_columns)))
+    return x_nm.new_zeros(x_nm.shape[0], n_columns).index_copy_(1, position_m, x_nm)
+
+
 def select_columns(x_ng: torch.Tensor, index_k: torch.Tensor) -> torch.Tensor:
     """Columns ``index_k`` (distinct) in that order; sparse input gives sparse CSR output whose rows
     keep their entries' order (see :func:`cellarium_steps.data.reader.select_columns`)."""

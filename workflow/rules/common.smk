@@ -13,12 +13,9 @@ RESULTS = config["results"]
 DEMO_SHARDS = f"{RESULTS}/demo_shards"
 
 
-@functools.cache  # every rule asks; a bucket is listed once
-def user_shards():
-    """The configured shards (.h5ad files or .zarr store directories), globs expanded (in the object store
-    when the path is one); empty when the
-    demo data is used."""
-    patterns = config.get("input")
+def expand_shards(patterns, key="input"):
+    """A config key's shards (.h5ad files or .zarr store directories: a glob or a list of paths/globs),
+    globs expanded (in the object store when the path is one); empty when not set."""
     if not patterns:
         return []
     patterns = [patterns] if isinstance(patterns, str) else patterns
@@ -31,10 +28,16 @@ def user_shards():
         else:
             matches = sorted(glob.glob(pattern))
         if not matches:
-            raise WorkflowError(f"config input: no file matches {pattern!r}")
+            raise WorkflowError(f"config {key}: no file matches {pattern!r}")
         # .zarr stores are directories: a glob lists them as it lists files
         paths += matches
     return paths
+
+
+@functools.cache  # every rule asks; a bucket is listed once
+def user_shards():
+    """The configured shards, globs expanded; empty when the demo data is used."""
+    return expand_shards(config.get("input"))
 
 
 def storage_glob(pattern):
@@ -106,10 +109,12 @@ def shard_args(wildcards, input):
     return input_shard_args(wildcards, input)
 
 
-def step_options(step, exclude=()):
-    """A step's config section as long options, e.g. {batch_size: 10} -> --batch-size 10."""
+def step_options(step, exclude=(), section=None):
+    """A step's config section (or ``section``) as long options, e.g. {batch_size: 10} -> --batch-size 10."""
     options = []
-    for key, value in (config.get(step) or {}).items():
+    for key, value in (
+        section if section is not None else config.get(step) or {}
+    ).items():
         if key in exclude or value is None:
             continue
         flag = f"--{key.replace('_', '-')}"
