@@ -25,8 +25,8 @@ def query_shard_args(wildcards, input):
 
 
 def query_batch_key_option():
-    key = QUERY.get("batch_key") or config.get("batch_key")
-    return f"--batch-key {shlex.quote(key)}" if key else ""
+    """query.batch_key (a column or a list of columns), else the global batch_key."""
+    return batch_key_option("query")
 
 
 def query_gene_options():
