@@ -4,13 +4,11 @@ the rest, and the query model of a reference mapping (the reference's architectu
 from __future__ import annotations
 
 import inspect
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import yaml
-
 from cellarium_steps.data.errors import ConfigError
+from cellarium_steps.data.yaml_config import read_yaml_config
 from cellarium_steps.models._scvi_mapping import query_model_arguments
 from cellarium_steps.models.scvi import SingleCellVariationalInference, scvi_tools_default_architecture
 from cellarium_steps.runner.recipe import plain, spec
@@ -35,13 +33,7 @@ STEP_ARGUMENTS = {
 def read_model_config(path: str) -> dict[str, Any]:
     """Constructor arguments from a YAML file: a plain mapping, or cellarium-ml's ``{class_path, init_args}``
     (also nested under ``model:`` keys, as in a cellarium-ml CLI config)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--model-config: {path}: no such file")
-    with open(path) as f:
-        try:
-            config = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--model-config: {path}: not valid YAML ({e})") from None
+    config = read_yaml_config(path, "--model-config")
     while isinstance(config, Mapping) and set(config) == {"model"}:
         config = config["model"]
     if isinstance(config, Mapping) and "init_args" in config:

@@ -8,17 +8,15 @@ import datetime as dt
 import importlib.metadata
 import inspect
 import logging
-import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import yaml
-
 from cellarium_steps import __version__
 from cellarium_steps.data.errors import ConfigError, InputError
 from cellarium_steps.data.options import DataOptions
+from cellarium_steps.data.yaml_config import read_yaml_config
 
 logger = logging.getLogger("cellarium_steps")
 
@@ -140,13 +138,7 @@ def _parse_devices(value: Any) -> int | str:
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     """Read a YAML config and check every key against the step's options."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"--config: {path}: no such file")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config: {path}: not valid YAML ({e})") from None
+    raw = read_yaml_config(path, "--config")
     if not isinstance(raw, dict):
         raise ConfigError(f"--config: {path}: expected a mapping of option names to values")
     known = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
