@@ -54,3 +54,14 @@ def run_cli(*args: str, check: bool = True, timeout: float = 600) -> subprocess.
     if check and result.returncode != 0:
         raise AssertionError(f"cellarium-steps {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory):
+    """An S3 server (moto) on 127.0.0.1, started once; each test makes its own bucket."""
+    from object_store import MotoServer  # imported only by the tests that ask for it
+
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    server.start()
+    yield server
+    server.stop()

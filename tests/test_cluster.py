@@ -76,14 +76,6 @@ def local_export(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> pa.T
     return read_export(root / "results" / "export" / "cells.parquet")
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_s3_round_trip_reads_shards_from_and_writes_results_to_a_bucket(
     moto: MotoServer, shards: Path, local_export: pa.Table, tmp_path: Path
 ) -> None:

@@ -96,14 +96,6 @@ def test_slurm_profile_with_containers_and_the_gpu_profile(tmp_path: Path) -> No
         assert resource(planned[rule], "gpu") is None
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory: pytest.TempPathFactory):
-    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("profile", ["kubernetes", "googlebatch"])
 def test_cloud_profiles_plan_with_their_executor_and_object_storage(
     profile: str, moto: MotoServer, tmp_path: Path
