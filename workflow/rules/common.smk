@@ -93,7 +93,8 @@ def input_shards(wildcards=None):
 
 
 def input_shard_args(wildcards, input):
-    """The --input arguments of the configured input: the local paths of the rule's `shards` input."""
+    """The --input arguments of a rule's `shards` input (the configured input, or the query's): their local
+    paths, where a storage plugin staged them."""
     return " ".join(shlex.quote(p) for p in input.shards)
 
 

@@ -18,7 +18,7 @@ rule query_train_scvi:
         **gpu_resources(),
         mem_mb=4000,
     params:
-        shards=query_shard_args,
+        shards=input_shard_args,  # the staged query shards
         batch_key=query_batch_key_option(),
         genes=query_gene_options(),
         run=run_options(ddp=True),
@@ -44,7 +44,7 @@ rule query_predict_scvi:
         **gpu_resources(),
         mem_mb=3000,
     params:
-        shards=query_shard_args,
+        shards=input_shard_args,  # the staged query shards
         genes=query_gene_options(),
         run=run_options(ddp=True),
         launch=launch,
@@ -71,7 +71,7 @@ rule query_predict_socam:
         **gpu_resources(),
         mem_mb=3000,
     params:
-        shards=query_shard_args,
+        shards=input_shard_args,  # the staged query shards
         genes=query_gene_options(),
         features=lambda wildcards, input: (
             f"--features-from {shlex.quote(input.scvi)}"
@@ -100,7 +100,7 @@ rule query_export:
     resources:
         mem_mb=3000,
     params:
-        shards=query_shard_args,
+        shards=input_shard_args,  # the staged query shards
         batch_key=query_batch_key_option(),
         dataset=QUERY.get("dataset") or "query",
         seed=config["seed"],

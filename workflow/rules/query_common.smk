@@ -19,11 +19,6 @@ def query_shards(wildcards=None):
     return shards
 
 
-def query_shard_args(wildcards, input):
-    """The --input arguments: the local paths of the rule's `shards` input (staged by a storage plugin)."""
-    return " ".join(shlex.quote(p) for p in input.shards)
-
-
 def query_batch_key_option():
     """query.batch_key (a column or a list of columns), else the global batch_key."""
     return batch_key_option("query")
