@@ -46,6 +46,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-epochs", type=int, default=100, help="reference training epochs (default: 100)")
     parser.add_argument("--query-epochs", type=int, default=100, help="query training epochs (default: 100)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default: 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="workers run at once, each with --threads threads (default: 1; times then overlap)")
     add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if run_if_worker(args, WORKERS):
@@ -252,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = {**data, "threads": args.threads, "out_dir": str(out_dir), "reference_epochs": args.reference_epochs,
             "query_epochs": args.query_epochs, "reference_warmup": warmup_steps(n_reference, args.reference_epochs),
             "query_warmup": warmup_steps(n_query, args.query_epochs)}
-    results: dict[str, list[dict]] = {OURS: [], SCVI_TOOLS: []}
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        results[OURS].append(run_worker("ours", {**spec, "seed": seed}))
-        results[SCVI_TOOLS].append(run_worker("scvi", {**spec, "seed": seed}))
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        # Submitted seed by seed, ours then scvi-tools', so that with two jobs each seed's pair runs side by side.
+        futures = [(tool, pool.submit(run_worker, worker, {**spec, "seed": seed}))
+                   for seed in seeds for tool, worker in ((OURS, "ours"), (SCVI_TOOLS, "scvi"))]
+        results: dict[str, list[dict]] = {OURS: [], SCVI_TOOLS: []}
+        for tool, future in futures:
+            results[tool].append(future.result())
     rows, mean = [], {}
     for tool, runs in results.items():
         values = {key: np.array([r[key] for r in runs]) for key in runs[0]}
