@@ -6,6 +6,7 @@ import types
 from pathlib import Path
 
 import anndata as ad
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -232,7 +233,7 @@ def test_parity_with_scvi_tools(case: str, pbmc_small: ad.AnnData) -> None:
         assert relative_error(latent_mean_nk, inference["qz"].loc) < RELATIVE_TOLERANCE
 
 
-class SeedEachStep(__import__("lightning").pytorch.Callback):
+class SeedEachStep(pl.Callback):
     """Seeds torch before every training batch, so both sides draw the same reparametrisation noise."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
@@ -245,7 +246,6 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
     decay), the same KL weight at every step, and per step the same loss. Dropout is off on both sides and
     the reparametrisation noise is seeded per step; everything else is as train-scvi runs it."""
     scvi = pytest.importorskip("scvi", reason="scvi-tools is not installed")
-    import lightning.pytorch as pl
     from scvi.train import TrainingPlan
 
     from cellarium_steps.pipelines.scvi import optimizer_kwargs
