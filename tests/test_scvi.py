@@ -236,7 +236,7 @@ def test_parity_with_scvi_tools(case: str, pbmc_small: ad.AnnData) -> None:
 class SeedEachStep(pl.Callback):
     """Seeds torch before every training batch, so both sides draw the same dropout masks and noise."""
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         torch.manual_seed(1000 + trainer.global_step)
 
 
@@ -255,7 +255,7 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
     adata = pbmc_small.copy()
     scvi.model.SCVI.setup_anndata(adata, batch_key="source")
     scvi.settings.seed = 0
-    architecture = dict(use_layer_norm="both", use_batch_norm="none")
+    architecture = {"use_layer_norm": "both", "use_batch_norm": "none"}
     reference = scvi.model.SCVI(adata, n_hidden=128, n_layers=n_layers, n_latent=10, dropout_rate=0.2,
                                 gene_likelihood="nb", encode_covariates=True, deeply_inject_covariates=False,
                                 **architecture)
@@ -279,7 +279,7 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
         losses: list[float] = []
 
         class Record(pl.Callback):
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
                 losses.append(float(outputs["loss"]))
 
         trainer = pl.Trainer(accelerator="cpu", max_epochs=n_epochs, logger=False, enable_checkpointing=False,
