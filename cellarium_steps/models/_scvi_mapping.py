@@ -17,8 +17,14 @@ as scvi-tools' ``load_query_data`` does with its defaults (``freeze_expression``
   scale when sampled), starting at the mean of the reference's rows; every layer's weights, which
   all batches share, stay frozen;
 * ``dispersion="gene-batch"``: the new batches' columns of ``px_r``, starting at the reference's mean;
-* the decoder's batch norm affine weights (and its running statistics keep updating); the encoder's
-  batch norm keeps its running statistics (momentum 0) and affine weights.
+* the decoder's batch norm affine weights; the encoder's batch norm keeps its affine weights.
+
+Every dropout and batch norm layer runs as at prediction time while the query trains: no dropout, and
+batch norm on the reference's running statistics, which stay as they are. scvi-tools' ``load_query_data``
+puts its module in evaluation mode and its training keeps it there (Lightning 2 preserves submodules'
+modes), so this is what ``load_query_data`` + ``train`` computes. It also matters: in training mode,
+batch norm would normalise away the new batch's one-hot column (constant within a one-batch query), and
+the new columns of a batch-normed layer could not learn the query's shift.
 
 Everything else (the counts' and continuous covariates' weights, biases, the latent heads, the columns
 of the reference's categories, the flow prior) is frozen: ``requires_grad`` off, or a gradient hook that zeroes the frozen entries of a
@@ -207,8 +213,9 @@ def freeze_reference(
     freeze_batchnorm_decoder: bool = False,
 ) -> list[RemovableHandle]:
     """Let training move only the new batches' and categories' parameters (and the decoder's batch norm, as
-    scvi-tools); returns the gradient hooks' handles. Not saved with the weights: apply it to every model
-    built for training, also one resumed from a checkpoint."""
+    scvi-tools), with dropout and batch norm layers in evaluation mode (see the module's docstring); returns
+    the hooks' handles. Not saved with the weights: apply it to every model built for training, also one
+    resumed from a checkpoint."""
     if not 1 <= n_reference_batch <= query.n_batch:
         raise ValueError(f"n_reference_batch must be in [1, {query.n_batch}], got {n_reference_batch}")
     slices = trainable_slices(query, n_reference_batch, n_reference_cats_per_cov)
@@ -220,8 +227,14 @@ def freeze_reference(
     for side, freeze in (("z_encoder", freeze_batchnorm_encoder), ("decoder", freeze_batchnorm_decoder)):
         for module in getattr(query, side).modules():
             if isinstance(module, nn.BatchNorm1d):
-                if freeze:
-                    module.momentum = 0.0  # running statistics stay the reference's
                 for parameter in module.parameters():
                     parameter.requires_grad_(not freeze)
+    # A hook rather than one .eval(): the trainer and callers may switch the whole model to training mode.
+    prediction_time_layers = [m for m in query.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm1d))]
+
+    def keep_prediction_time_layers(module: nn.Module, args: Any) -> None:
+        for layer in prediction_time_layers:
+            layer.train(False)
+
+    handles.append(query.register_forward_pre_hook(keep_prediction_time_layers))
     return handles

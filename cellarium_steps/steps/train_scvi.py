@@ -40,12 +40,13 @@ reference mapping (--reference REF.ckpt):
   reference did not see are added after the reference's (whose codes stay), and only the new batches'
   parameters are trained (their columns in every layer that reads the batch, or their rows of the
   batch embedding; also, as scvi-tools, the decoder's batch norm), streamed like any training, without
-  weight decay. The query checkpoint embeds reference and query cells in one latent space; reference
-  cells keep their latent means (to float rounding). --batch-key defaults to the reference's; the
-  covariates' columns, the counts matrix and gene names are the reference's, and new categories of its
-  categorical covariates are added (and trained) as new batches are. Reference genes the query lacks:
-  an error, or --missing-genes zero (read as zeros). The architecture options, --genes, --model-config
-  and the covariate options do not combine with --reference.
+  weight decay, and with dropout and batch norm as at prediction time (as scvi-tools' query training,
+  which keeps the model in evaluation mode). The query checkpoint embeds reference and query cells in
+  one latent space; reference cells keep their latent means (to float rounding). --batch-key defaults
+  to the reference's; the covariates' columns, the counts matrix and gene names are the reference's,
+  and new categories of its categorical covariates are added (and trained) as new batches are.
+  Reference genes the query lacks: an error, or --missing-genes zero (read as zeros). The architecture
+  options, --genes, --model-config and the covariate options do not combine with --reference.
 
 KL warm-up:
   the KL weight rises linearly from 0 to 1 over --kl-warmup-steps optimizer steps. The default is a
