@@ -229,12 +229,13 @@ def freeze_reference(
             if isinstance(module, nn.BatchNorm1d):
                 for parameter in module.parameters():
                     parameter.requires_grad_(not freeze)
-    # A hook rather than one .eval(): the trainer and callers may switch the whole model to training mode.
-    prediction_time_layers = [m for m in query.modules() if isinstance(m, (nn.Dropout, nn.BatchNorm1d))]
-
-    def keep_prediction_time_layers(module: nn.Module, args: Any) -> None:
-        for layer in prediction_time_layers:
-            layer.train(False)
-
-    handles.append(query.register_forward_pre_hook(keep_prediction_time_layers))
+    # Hooks on the layers rather than one .eval(): the trainer and callers may switch the whole model to
+    # training mode (and the runner calls the model's forward directly, so hooks on the model never run).
+    for module in query.modules():
+        if isinstance(module, (nn.Dropout, nn.BatchNorm1d)):
+            handles.append(module.register_forward_pre_hook(_run_as_at_prediction_time))
     return handles
+
+
+def _run_as_at_prediction_time(layer: nn.Module, args: Any) -> None:
+    layer.train(False)
