@@ -124,6 +124,31 @@ def test_surgery_keeps_the_reference_and_trains_only_the_new_batches(options: di
         assert (query.decoder.hidden.layers[0].layer.categorical_weight[:, 3] == 0).all()
 
 
+def test_query_training_runs_dropout_and_batch_norm_as_at_prediction_time() -> None:
+    """Through the runner (which calls the model's forward directly) and in training mode, as the trainer sets
+    it: a frozen query's loss equals its loss in evaluation mode, so no dropout mask and no batch statistics
+    entered it, and batch norm's running statistics stay the reference's."""
+    reference = small_model(2, dropout_rate=0.5, use_batch_norm="both")
+    query = SingleCellVariationalInference(**query_model_arguments(reference.hyper_parameters, 3))
+    transfer_reference_weights(reference, query)
+    freeze_reference(query, 2)
+    generator = torch.Generator().manual_seed(2)
+    batch = {"x_ng": torch.poisson(torch.rand(32, len(GENES), generator=generator) * 5), "var_names_g": GENES,
+             "batch_index_n": torch.full((32,), 2)}
+    module = CellariumModule(query)
+    running = [b.clone() for b in query.buffers()]
+
+    def loss(training: bool) -> torch.Tensor:
+        module.train(training)
+        torch.manual_seed(3)  # the same reparametrisation noise
+        return module(batch)["loss"]
+
+    evaluation_mode_loss = loss(False)
+    assert torch.equal(loss(True), evaluation_mode_loss)
+    assert all(torch.equal(before, after) for before, after in zip(running, query.buffers(), strict=True))
+    assert query.training  # the model's own mode is the trainer's; only those layers ignore it
+
+
 def test_query_arguments_keep_the_embedding_width_and_refuse_what_adds_nothing() -> None:
     reference = small_model(3, batch_embedded=True, n_cats_per_cov=[2])
     assert query_model_arguments(reference.hyper_parameters, 5)["n_latent_batch"] == 3
