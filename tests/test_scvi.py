@@ -275,7 +275,7 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
     our_batches = [{"x_ng": b["X"].to_sparse_csr(), "var_names_g": adata.var_names.values,
                     "batch_index_n": b["batch"][:, 0].long()} for b in scvi_batches]
 
-    def fit(module: pl.LightningModule, batches: list) -> list[float]:
+    def train_and_record_losses(module: pl.LightningModule, batches: list) -> list[float]:
         losses: list[float] = []
 
         class Record(pl.Callback):
@@ -288,9 +288,9 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=collate_identity))
         return losses
 
-    theirs = fit(TrainingPlan(vae, lr=1e-3, n_steps_kl_warmup=warmup_steps, n_epochs_kl_warmup=None),
-                 scvi_batches)
-    ours = fit(CellariumModule(model, optim_kwargs=optimizer_kwargs(1e-3)), our_batches)
+    plan = TrainingPlan(vae, lr=1e-3, n_steps_kl_warmup=warmup_steps, n_epochs_kl_warmup=None)
+    theirs = train_and_record_losses(plan, scvi_batches)
+    ours = train_and_record_losses(CellariumModule(model, optim_kwargs=optimizer_kwargs(1e-3)), our_batches)
 
     assert len(ours) == len(theirs) == n_epochs * n_batches
     assert model.z_kl_weight == 1.0
