@@ -1,0 +1,212 @@
+"""Diagnostic for bench_mapping.py: which part of our reference training costs label transfer accuracy.
+
+    .venv/bin/python benchmarks/diagnose_mapping_arms.py --arm scvi-init --seeds 10
+    .venv/bin/python benchmarks/diagnose_mapping_arms.py --arm scvi-loader --seeds 10 --first-seed 10
+
+Each arm changes one thing on one side, trains the reference with bench_mapping's settings and data
+(cached under ``benchmarks/out/mapping`` by it; run it once first), maps the query, and prints one line
+``RESULT ARM SEED accuracy mixing`` per seed (each seed in a fresh interpreter, one torch thread):
+
+- ``scvi-reseed``: scvi-tools' reference and query training with our runner's per-step reseeding of
+  torch's generator (a Lightning callback); mapped by scvi-tools.
+- ``scvi-init``: ``train-scvi`` (the CLI, in-process) starting from scvi-tools' initial weights of the
+  same seed; mapped by ``train-scvi --reference``.
+- ``scvi-loader``: our model and runner (``CellariumModule``, per-step reseeding, train-scvi's optimizer)
+  trained on scvi-tools' own shuffled data loader from scvi-tools' initial weights; mapped by ours.
+- ``full-permutation``: ``train-scvi`` with the loader's shuffle made a full permutation (block 1, one
+  window); mapped by ours.
+- ``ours``: ``train-scvi`` as it is, through the same in-process path (reproduces bench_mapping's seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import bench_mapping as bm  # noqa: E402
+from _harness import OUT_DIR, cellarium_steps_exe  # noqa: E402
+
+ARMS = ("ours", "scvi-reseed", "scvi-init", "scvi-loader", "full-permutation")
+N_EPOCHS = 100
+
+
+def _scvi_model(adata, seed: int):
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(adata, batch_key=bm.BATCH_KEY)
+    return scvi.model.SCVI(adata, n_hidden=bm.N_HIDDEN, n_layers=bm.N_LAYERS, n_latent=bm.N_LATENT,
+                           dropout_rate=bm.DROPOUT, gene_likelihood="nb", dispersion="gene", encode_covariates=True,
+                           deeply_inject_covariates=False, use_layer_norm="both", use_batch_norm="none")
+
+
+def _common(seed: int) -> list[str]:
+    return ["--batch-size", str(bm.BATCH_SIZE), "--learning-rate", str(bm.LEARNING_RATE), "--accelerator", "cpu",
+            "--seed", str(seed), "--quiet"]
+
+
+def _train_reference_cli(data_dir: Path, reference: Path, n_cells: int, seed: int) -> None:
+    from cellarium_steps.steps.cli import main as cli_main
+
+    rc = cli_main([
+        "train-scvi", "--input", str(data_dir / "reference.h5ad"), "--batch-key", bm.BATCH_KEY, "--genes",
+        str(data_dir / "hvg.txt"), "--encode-covariates", "--use-layer-norm", "both", "--use-batch-norm", "none",
+        "--n-layers", str(bm.N_LAYERS), "--n-hidden", str(bm.N_HIDDEN), "--n-latent", str(bm.N_LATENT),
+        "--dropout-rate", str(bm.DROPOUT), "--max-epochs", str(N_EPOCHS), "--kl-warmup-steps",
+        str(bm.warmup_steps(n_cells, N_EPOCHS)), "--output", str(reference), *_common(seed)])
+    if rc not in (0, None):
+        sys.exit(f"train-scvi failed ({rc})")
+
+
+def _train_reference_on_scvi_loader(data_dir: Path, reference: Path, adata, scvi_model, seed: int) -> None:
+    import lightning.pytorch as pl
+    import torch
+    from test_scvi import scvi_tools_state_to_ours
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from cellarium_steps.pipelines.scvi import optimizer_kwargs
+    from cellarium_steps.runner import CellariumModule
+
+    # Our checkpoint of the same settings (seed 0 of bench_mapping) gives the recipe; the weights are replaced.
+    template = data_dir / "ours_seed0" / "reference.ckpt"
+    if not template.is_file():
+        sys.exit(f"{template} not found: run benchmarks/bench_mapping.py first")
+    model = CellariumModule.from_checkpoint(str(template)).model
+    model.load_state_dict(scvi_tools_state_to_ours(scvi_model.module, model, bm.N_LAYERS))
+    model.global_step, model.current_epoch = 0, 0
+    module = CellariumModule(model, transforms=[], optim_kwargs=optimizer_kwargs(bm.LEARNING_RATE), seed=seed)
+    module.train()
+    loader = scvi_model._make_data_loader(adata=adata, indices=np.arange(adata.n_obs), batch_size=bm.BATCH_SIZE,
+                                          shuffle=True)
+    var_names_g = adata.var_names.to_numpy()
+
+    class ScviBatches(IterableDataset):
+        def __iter__(self):
+            for b in loader:
+                yield {"x_ng": b["X"].to_sparse_csr(), "var_names_g": var_names_g,
+                       "batch_index_n": b["batch"][:, 0].long()}
+
+        def __len__(self) -> int:
+            return len(loader)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=N_EPOCHS, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(ScviBatches(), batch_size=None))
+    checkpoint = torch.load(template, weights_only=False)
+    checkpoint["state_dict"].update({f"model.{k}": v for k, v in module.model.state_dict().items()})
+    torch.save(checkpoint, reference)
+
+
+def _scvi_with_reseeding(reference_ad, query_ad, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import lightning.pytorch as pl
+    import scvi
+    import torch
+
+    class Reseed(pl.Callback):
+        # The step seed of cellarium_steps.runner.module.CellariumModule.on_train_batch_start.
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            torch.random.default_generator.manual_seed((seed * 1_000_003 + trainer.global_step) * 1009
+                                                       + trainer.global_rank)
+
+    kwargs = {"batch_size": bm.BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
+              "enable_progress_bar": False, "logger": False, "enable_checkpointing": False, "callbacks": [Reseed()]}
+    model = _scvi_model(reference_ad, seed)
+    model.train(max_epochs=N_EPOCHS, plan_kwargs={"lr": bm.LEARNING_RATE, "n_epochs_kl_warmup": None,
+                "n_steps_kl_warmup": bm.warmup_steps(reference_ad.n_obs, N_EPOCHS)}, **kwargs)
+    mapped = scvi.model.SCVI.load_query_data(query_ad.copy(), model)
+    mapped.train(max_epochs=N_EPOCHS, plan_kwargs={"lr": bm.LEARNING_RATE, "weight_decay": 0.0,
+                 "n_epochs_kl_warmup": None, "n_steps_kl_warmup": bm.warmup_steps(query_ad.n_obs, N_EPOCHS)},
+                 **kwargs)
+    return mapped.get_latent_representation(reference_ad), mapped.get_latent_representation(query_ad)
+
+
+def run_one(arm: str, seed: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    data_dir = OUT_DIR / "mapping"
+    genes = (data_dir / "hvg.txt").read_text().split()
+    reference_ad, query_ad = bm.load(str(data_dir / "reference.h5ad"), genes), bm.load(str(data_dir / "query.h5ad"), genes)
+    if arm == "scvi-reseed":
+        reference_z, query_z = _scvi_with_reseeding(reference_ad, query_ad, seed)
+    else:
+        run_dir = data_dir / f"arm_{arm}_seed{seed}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        reference, query = run_dir / "reference.ckpt", run_dir / "query.ckpt"
+        if arm == "scvi-loader":
+            _train_reference_on_scvi_loader(data_dir, reference, reference_ad, _scvi_model(reference_ad, seed), seed)
+        else:
+            if arm == "scvi-init":
+                from test_scvi import scvi_tools_state_to_ours
+
+                from cellarium_steps.models.scvi import SingleCellVariationalInference
+
+                vae = _scvi_model(reference_ad, seed).module
+                reset = SingleCellVariationalInference.reset_parameters
+
+                def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
+                    reset(self)
+                    self.load_state_dict(scvi_tools_state_to_ours(vae, self, bm.N_LAYERS))
+
+                SingleCellVariationalInference.reset_parameters = reset_to_scvi_tools
+                try:
+                    _train_reference_cli(data_dir, reference, reference_ad.n_obs, seed)
+                finally:  # the query's model (more batches) is built with its own weights
+                    SingleCellVariationalInference.reset_parameters = reset
+            elif arm == "full-permutation":
+                from cellarium_steps.data import dataset as dataset_module
+
+                init = dataset_module.ShardedCellDataset.__init__
+
+                def full_permutation(self, *args, **kwargs) -> None:
+                    init(self, *args, **kwargs)
+                    self.shuffle_block_size, self.shuffle_window = 1, 10**9
+
+                dataset_module.ShardedCellDataset.__init__ = full_permutation
+                _train_reference_cli(data_dir, reference, reference_ad.n_obs, seed)
+            else:
+                _train_reference_cli(data_dir, reference, reference_ad.n_obs, seed)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        subprocess.run([cellarium_steps_exe(), "train-scvi", "--reference", str(reference), "--input",
+                        str(data_dir / "query.h5ad"), "--max-epochs", str(N_EPOCHS), "--kl-warmup-steps",
+                        str(bm.warmup_steps(query_ad.n_obs, N_EPOCHS)), "--output", str(query), *_common(seed)],
+                       check=True, env=env)
+        reference_z, query_z = bm._latent(str(query), reference_ad), bm._latent(str(query), query_ad)
+    metrics = bm.mapping_metrics(reference_z, reference_ad.obs[bm.LABEL_KEY].astype(str).to_numpy(), query_z,
+                                 query_ad.obs[bm.LABEL_KEY].astype(str).to_numpy())
+    print(f"RESULT {arm} {seed} {metrics['accuracy']:.4f} {metrics['mixing']:.4f}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arm", choices=ARMS, required=True)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds, each in its own interpreter (default: 1)")
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        run_one(args.arm, args.first_seed)
+        return 0
+    accuracies = []
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        out = subprocess.run([sys.executable, __file__, "--arm", args.arm, "--first-seed", str(seed), "--one"],
+                             check=True, stdout=subprocess.PIPE, text=True).stdout
+        line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+        print(line, flush=True)
+        accuracies.append(float(line.split()[3]))
+    print(f"{args.arm}: accuracy mean {np.mean(accuracies):.4f} over {len(accuracies)} seeds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
