@@ -122,6 +122,53 @@ def load(path: str, genes: list[str]):
     return adata
 
 
+def scvi_reference_model(adata, seed: int):
+    """scvi-tools' SCVI on ``adata`` with the benchmark's architecture (scArches' reference), seeded."""
+    import scvi
+
+    scvi.settings.seed = seed
+    scvi.model.SCVI.setup_anndata(adata, batch_key=BATCH_KEY)
+    return scvi.model.SCVI(
+        adata, n_hidden=N_HIDDEN, n_layers=N_LAYERS, n_latent=N_LATENT, dropout_rate=DROPOUT,
+        gene_likelihood="nb", dispersion="gene", encode_covariates=True, deeply_inject_covariates=False,
+        use_layer_norm="both", use_batch_norm="none",
+    )
+
+
+#: scvi-tools' ``train`` arguments on both trainings (every cell trains, one CPU, nothing logged or saved).
+SCVI_TRAIN_KWARGS = {"batch_size": BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
+                     "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+                     "enable_checkpointing": False}
+
+
+def scvi_plan_kwargs(warmup_steps: int, query: bool = False) -> dict:
+    """scvi-tools' training plan: the KL warm-up in steps; the query without weight decay (its tutorial)."""
+    plan = {"lr": LEARNING_RATE, "n_epochs_kl_warmup": None, "n_steps_kl_warmup": warmup_steps}
+    return {**plan, "weight_decay": 0.0} if query else plan
+
+
+def ours_common_args(seed: int) -> list[str]:
+    return ["--batch-size", str(BATCH_SIZE), "--learning-rate", str(LEARNING_RATE), "--accelerator", "cpu",
+            "--seed", str(seed), "--quiet"]
+
+
+def ours_reference_args(reference_h5ad: str, genes_txt: str, output: str, epochs: int, warmup_steps: int,
+                        seed: int) -> list[str]:
+    """``train-scvi`` arguments for our reference (scArches' architecture, the benchmark's settings)."""
+    return ["train-scvi", "--input", reference_h5ad, "--batch-key", BATCH_KEY, "--genes", genes_txt,
+            "--encode-covariates", "--use-layer-norm", "both", "--use-batch-norm", "none",
+            "--n-layers", str(N_LAYERS), "--n-hidden", str(N_HIDDEN), "--n-latent", str(N_LATENT), "--dropout-rate",
+            str(DROPOUT), "--max-epochs", str(epochs), "--kl-warmup-steps", str(warmup_steps), "--output", output,
+            *ours_common_args(seed)]
+
+
+def ours_query_args(reference_ckpt: str, query_h5ad: str, output: str, epochs: int, warmup_steps: int,
+                    seed: int) -> list[str]:
+    """``train-scvi --reference`` arguments mapping the query onto a reference checkpoint."""
+    return ["train-scvi", "--reference", reference_ckpt, "--input", query_h5ad, "--max-epochs", str(epochs),
+            "--kl-warmup-steps", str(warmup_steps), "--output", output, *ours_common_args(seed)]
+
+
 # ----------------------------------------------------------------------------------------------- workers
 # Each runs in its own interpreter (``--worker NAME --spec JSON``) and prints one JSON line.
 
@@ -159,26 +206,16 @@ def worker_ours(spec: dict) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"])}
-    common = ["--batch-size", str(BATCH_SIZE), "--learning-rate", str(LEARNING_RATE), "--accelerator", "cpu",
-              "--seed", str(spec["seed"]), "--quiet"]
     reference, query = str(run_dir / "reference.ckpt"), str(run_dir / "query.ckpt")
     start = time.perf_counter()
-    subprocess.run(
-        [cellarium_steps_exe(), "train-scvi", "--input", spec["reference"], "--batch-key", BATCH_KEY, "--genes",
-         spec["genes"], "--encode-covariates", "--use-layer-norm", "both", "--use-batch-norm", "none",
-         "--n-layers", str(N_LAYERS), "--n-hidden", str(N_HIDDEN), "--n-latent", str(N_LATENT), "--dropout-rate",
-         str(DROPOUT), "--max-epochs", str(spec["reference_epochs"]), "--kl-warmup-steps",
-         str(spec["reference_warmup"]), "--output", reference, *common],
-        check=True, env=env,
-    )
+    subprocess.run([cellarium_steps_exe(), *ours_reference_args(
+        spec["reference"], spec["genes"], reference, spec["reference_epochs"], spec["reference_warmup"],
+        spec["seed"])], check=True, env=env)
     reference_s = time.perf_counter() - start
     start = time.perf_counter()
-    subprocess.run(
-        [cellarium_steps_exe(), "train-scvi", "--reference", reference, "--input", spec["query"],
-         "--max-epochs", str(spec["query_epochs"]), "--kl-warmup-steps", str(spec["query_warmup"]), "--output", query,
-         *common],
-        check=True, env=env,
-    )
+    subprocess.run([cellarium_steps_exe(), *ours_query_args(
+        reference, spec["query"], query, spec["query_epochs"], spec["query_warmup"], spec["seed"])],
+        check=True, env=env)
     query_s = time.perf_counter() - start
     genes = Path(spec["genes"]).read_text().split()
     adata_ref, adata_query = load(spec["reference"], genes), load(spec["query"], genes)
@@ -194,29 +231,18 @@ def worker_scvi(spec: dict) -> dict:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    scvi.settings.seed = spec["seed"]
     genes = Path(spec["genes"]).read_text().split()
     adata_ref, adata_query = load(spec["reference"], genes), load(spec["query"], genes)
-    scvi.model.SCVI.setup_anndata(adata_ref, batch_key=BATCH_KEY)
-    reference = scvi.model.SCVI(
-        adata_ref, n_hidden=N_HIDDEN, n_layers=N_LAYERS, n_latent=N_LATENT, dropout_rate=DROPOUT,
-        gene_likelihood="nb", dispersion="gene", encode_covariates=True, deeply_inject_covariates=False,
-        use_layer_norm="both", use_batch_norm="none",
-    )
-    trainer_kwargs = {"batch_size": BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
-                      "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
-                      "enable_checkpointing": False}
+    reference = scvi_reference_model(adata_ref, spec["seed"])
     start = time.perf_counter()
-    reference.train(max_epochs=spec["reference_epochs"], plan_kwargs={
-        "lr": LEARNING_RATE, "n_epochs_kl_warmup": None, "n_steps_kl_warmup": spec["reference_warmup"]},
-        **trainer_kwargs)
+    reference.train(max_epochs=spec["reference_epochs"], plan_kwargs=scvi_plan_kwargs(spec["reference_warmup"]),
+                    **SCVI_TRAIN_KWARGS)
     reference_s = time.perf_counter() - start
     before = reference.get_latent_representation(adata_ref)
     query = scvi.model.SCVI.load_query_data(adata_query, reference)
     start = time.perf_counter()
-    query.train(max_epochs=spec["query_epochs"], plan_kwargs={
-        "lr": LEARNING_RATE, "weight_decay": 0.0, "n_epochs_kl_warmup": None,
-        "n_steps_kl_warmup": spec["query_warmup"]}, **trainer_kwargs)
+    query.train(max_epochs=spec["query_epochs"], plan_kwargs=scvi_plan_kwargs(spec["query_warmup"], query=True),
+                **SCVI_TRAIN_KWARGS)
     query_s = time.perf_counter() - start
     reference_z, query_z = query.get_latent_representation(adata_ref), query.get_latent_representation(adata_query)
     return {**mapping_metrics(reference_z, adata_ref.obs[LABEL_KEY].astype(str).to_numpy(), query_z,

@@ -39,30 +39,11 @@ ARMS = ("ours", "scvi-reseed", "scvi-init", "scvi-loader", "full-permutation")
 N_EPOCHS = 100
 
 
-def _scvi_model(adata, seed: int):
-    import scvi
-
-    scvi.settings.seed = seed
-    scvi.model.SCVI.setup_anndata(adata, batch_key=bm.BATCH_KEY)
-    return scvi.model.SCVI(adata, n_hidden=bm.N_HIDDEN, n_layers=bm.N_LAYERS, n_latent=bm.N_LATENT,
-                           dropout_rate=bm.DROPOUT, gene_likelihood="nb", dispersion="gene", encode_covariates=True,
-                           deeply_inject_covariates=False, use_layer_norm="both", use_batch_norm="none")
-
-
-def _common(seed: int) -> list[str]:
-    return ["--batch-size", str(bm.BATCH_SIZE), "--learning-rate", str(bm.LEARNING_RATE), "--accelerator", "cpu",
-            "--seed", str(seed), "--quiet"]
-
-
 def _train_reference_cli(data_dir: Path, reference: Path, n_cells: int, seed: int) -> None:
     from cellarium_steps.steps.cli import main as cli_main
 
-    rc = cli_main([
-        "train-scvi", "--input", str(data_dir / "reference.h5ad"), "--batch-key", bm.BATCH_KEY, "--genes",
-        str(data_dir / "hvg.txt"), "--encode-covariates", "--use-layer-norm", "both", "--use-batch-norm", "none",
-        "--n-layers", str(bm.N_LAYERS), "--n-hidden", str(bm.N_HIDDEN), "--n-latent", str(bm.N_LATENT),
-        "--dropout-rate", str(bm.DROPOUT), "--max-epochs", str(N_EPOCHS), "--kl-warmup-steps",
-        str(bm.warmup_steps(n_cells, N_EPOCHS)), "--output", str(reference), *_common(seed)])
+    rc = cli_main(bm.ours_reference_args(str(data_dir / "reference.h5ad"), str(data_dir / "hvg.txt"), str(reference),
+                                         N_EPOCHS, bm.warmup_steps(n_cells, N_EPOCHS), seed))
     if rc not in (0, None):
         sys.exit(f"train-scvi failed ({rc})")
 
@@ -111,21 +92,20 @@ def _scvi_with_reseeding(reference_ad, query_ad, seed: int) -> tuple[np.ndarray,
     import scvi
     import torch
 
-    class Reseed(pl.Callback):
-        # The step seed of cellarium_steps.runner.module.CellariumModule.on_train_batch_start.
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed((seed * 1_000_003 + trainer.global_step) * 1009
-                                                       + trainer.global_rank)
+    from cellarium_steps.runner.module import training_step_seed
 
-    kwargs = {"batch_size": bm.BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
-              "enable_progress_bar": False, "logger": False, "enable_checkpointing": False, "callbacks": [Reseed()]}
-    model = _scvi_model(reference_ad, seed)
-    model.train(max_epochs=N_EPOCHS, plan_kwargs={"lr": bm.LEARNING_RATE, "n_epochs_kl_warmup": None,
-                "n_steps_kl_warmup": bm.warmup_steps(reference_ad.n_obs, N_EPOCHS)}, **kwargs)
+    class Reseed(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step,
+                                                                          trainer.global_rank))
+
+    kwargs = {**bm.SCVI_TRAIN_KWARGS, "callbacks": [Reseed()]}
+    model = bm.scvi_reference_model(reference_ad, seed)
+    model.train(max_epochs=N_EPOCHS, plan_kwargs=bm.scvi_plan_kwargs(bm.warmup_steps(reference_ad.n_obs, N_EPOCHS)),
+                **kwargs)
     mapped = scvi.model.SCVI.load_query_data(query_ad.copy(), model)
-    mapped.train(max_epochs=N_EPOCHS, plan_kwargs={"lr": bm.LEARNING_RATE, "weight_decay": 0.0,
-                 "n_epochs_kl_warmup": None, "n_steps_kl_warmup": bm.warmup_steps(query_ad.n_obs, N_EPOCHS)},
-                 **kwargs)
+    mapped.train(max_epochs=N_EPOCHS, plan_kwargs=bm.scvi_plan_kwargs(bm.warmup_steps(query_ad.n_obs, N_EPOCHS),
+                 query=True), **kwargs)
     return mapped.get_latent_representation(reference_ad), mapped.get_latent_representation(query_ad)
 
 
@@ -144,14 +124,14 @@ def run_one(arm: str, seed: int) -> None:
         run_dir.mkdir()
         reference, query = run_dir / "reference.ckpt", run_dir / "query.ckpt"
         if arm == "scvi-loader":
-            _train_reference_on_scvi_loader(data_dir, reference, reference_ad, _scvi_model(reference_ad, seed), seed)
+            _train_reference_on_scvi_loader(data_dir, reference, reference_ad, bm.scvi_reference_model(reference_ad, seed), seed)
         else:
             if arm == "scvi-init":
                 from test_scvi import scvi_tools_state_to_ours
 
                 from cellarium_steps.models.scvi import SingleCellVariationalInference
 
-                vae = _scvi_model(reference_ad, seed).module
+                vae = bm.scvi_reference_model(reference_ad, seed).module
                 reset = SingleCellVariationalInference.reset_parameters
 
                 def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
@@ -177,10 +157,9 @@ def run_one(arm: str, seed: int) -> None:
             else:
                 _train_reference_cli(data_dir, reference, reference_ad.n_obs, seed)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        subprocess.run([cellarium_steps_exe(), "train-scvi", "--reference", str(reference), "--input",
-                        str(data_dir / "query.h5ad"), "--max-epochs", str(N_EPOCHS), "--kl-warmup-steps",
-                        str(bm.warmup_steps(query_ad.n_obs, N_EPOCHS)), "--output", str(query), *_common(seed)],
-                       check=True, env=env)
+        subprocess.run([cellarium_steps_exe(), *bm.ours_query_args(
+            str(reference), str(data_dir / "query.h5ad"), str(query), N_EPOCHS,
+            bm.warmup_steps(query_ad.n_obs, N_EPOCHS), seed)], check=True, env=env)
         reference_z, query_z = bm._latent(str(query), reference_ad), bm._latent(str(query), query_ad)
     metrics = bm.mapping_metrics(reference_z, reference_ad.obs[bm.LABEL_KEY].astype(str).to_numpy(), query_z,
                                  query_ad.obs[bm.LABEL_KEY].astype(str).to_numpy())

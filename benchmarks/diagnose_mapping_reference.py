@@ -58,18 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     labels_q = query.obs[bm.LABEL_KEY].astype(str).to_numpy()
     source_r = reference.obs[bm.BATCH_KEY].astype(str).to_numpy()
 
-    scvi.settings.seed = args.seed
-    scvi.model.SCVI.setup_anndata(reference, batch_key=bm.BATCH_KEY)
-    model = scvi.model.SCVI(
-        reference, n_hidden=bm.N_HIDDEN, n_layers=bm.N_LAYERS, n_latent=bm.N_LATENT, dropout_rate=bm.DROPOUT,
-        gene_likelihood="nb", dispersion="gene", encode_covariates=True, deeply_inject_covariates=False,
-        use_layer_norm="both", use_batch_norm="none",
-    )
-    trainer_kwargs = {"batch_size": bm.BATCH_SIZE, "train_size": 1.0, "accelerator": "cpu", "devices": 1,
-                      "enable_progress_bar": False, "logger": False, "enable_checkpointing": False}
-    model.train(max_epochs=args.epochs, plan_kwargs={
-        "lr": bm.LEARNING_RATE, "n_epochs_kl_warmup": None,
-        "n_steps_kl_warmup": bm.warmup_steps(reference.n_obs, args.epochs)}, **trainer_kwargs)
+    model = bm.scvi_reference_model(reference, args.seed)
+    model.train(max_epochs=args.epochs, plan_kwargs=bm.scvi_plan_kwargs(bm.warmup_steps(reference.n_obs, args.epochs)),
+                **bm.SCVI_TRAIN_KWARGS)
 
     # scvi-tools' reference weights in our checkpoint of the same architecture
     checkpoint = torch.load(ours_reference, weights_only=False)
@@ -90,18 +81,13 @@ def main(argv: list[str] | None = None) -> int:
 
     query_warmup = bm.warmup_steps(query.n_obs, args.epochs)
     mapped = scvi.model.SCVI.load_query_data(query.copy(), model)
-    mapped.train(max_epochs=args.epochs, plan_kwargs={
-        "lr": bm.LEARNING_RATE, "weight_decay": 0.0, "n_epochs_kl_warmup": None, "n_steps_kl_warmup": query_warmup},
-        **trainer_kwargs)
+    mapped.train(max_epochs=args.epochs, plan_kwargs=bm.scvi_plan_kwargs(query_warmup, query=True),
+                 **bm.SCVI_TRAIN_KWARGS)
     theirs = bm.mapping_metrics(mapped.get_latent_representation(reference), labels_r,
                                 mapped.get_latent_representation(query), labels_q)
-    subprocess.run(
-        [cellarium_steps_exe(), "train-scvi", "--reference", str(shared_reference), "--input",
-         str(data_dir / "query.h5ad"), "--max-epochs", str(args.epochs), "--kl-warmup-steps", str(query_warmup),
-         "--batch-size", str(bm.BATCH_SIZE), "--learning-rate", str(bm.LEARNING_RATE), "--accelerator", "cpu",
-         "--seed", str(args.seed), "--output", str(our_query), "--quiet"],
-        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    subprocess.run([cellarium_steps_exe(), *bm.ours_query_args(
+        str(shared_reference), str(data_dir / "query.h5ad"), str(our_query), args.epochs, query_warmup, args.seed)],
+        check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     ours = bm.mapping_metrics(bm._latent(str(our_query), reference), labels_r, bm._latent(str(our_query), query),
                               labels_q)
     print("query mapped from the shared reference:")

@@ -14,6 +14,11 @@ from cellarium_steps.runner._calls import BatchDict, apply_transforms, call_with
 from cellarium_steps.runner.recipe import RECIPE_KEY, instantiate, load_checkpoint, plain
 
 
+def training_step_seed(seed: int, global_step: int, rank: int) -> int:
+    """The seed of torch's generator for one training step of one rank (see ``on_train_batch_start``)."""
+    return (seed * 1_000_003 + global_step) * 1009 + rank
+
+
 class CellariumModule(pl.LightningModule):
     """Transforms then a model; with an optimizer when the model has trainable parameters.
 
@@ -123,7 +128,7 @@ class CellariumModule(pl.LightningModule):
         if self.seed is not None:
             # Each step's random draws (dropout, sampling) depend on seed, step and rank only, so a run
             # resumed from a checkpoint continues exactly as the uninterrupted run would have.
-            step_seed = (self.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank
+            step_seed = training_step_seed(self.seed, self.global_step, self.global_rank)
             # What torch.manual_seed does for the generators in use: on CPU it would also queue a lazy
             # seeding of every uninitialised accelerator backend, formatting a stack trace each time
             # (~5 ms per step on CPU).
