@@ -1,0 +1,145 @@
+"""Diagnostic for bench_mapping.py: is our reference training scvi-tools' training, step by step, at the
+benchmark's scale? And how soon do two runs that differ only by rounding part?
+
+    .venv/bin/python benchmarks/diagnose_mapping_replay.py --seed 0 --epochs 12
+
+``train-scvi`` (the CLI, in-process, bench_mapping's reference settings and data, cached under
+``benchmarks/out/mapping`` by it; run it once first) starts from scvi-tools' initial weights of the seed
+and records every training batch its model sees (counts, batch codes), its KL weight and its loss.
+scvi-tools' ``TrainingPlan`` then replays those batches with the same per-step seeds (the same dropout
+masks and reparametrisation noise), twice: from the same initial weights, and, as a control, from those
+weights times (1 + 1e-7 N(0, 1)), a perturbation of float32 rounding's size. Printed per epoch: the
+largest relative difference of a step's loss, ours against each replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scvi-tools -> ours weight map
+
+import bench_mapping as bm  # noqa: E402
+from _harness import OUT_DIR  # noqa: E402
+
+PERTURBATION = 1e-7
+
+
+def record_train_scvi(data_dir: Path, adata, vae, seed: int, epochs: int, warmup: int) -> list[dict]:
+    """Run train-scvi from ``vae``'s weights; every training step's batch, KL weight and loss."""
+    import torch
+    from test_scvi import scvi_tools_state_to_ours
+
+    from cellarium_steps.models.scvi import SingleCellVariationalInference
+    from cellarium_steps.steps.cli import main as cli_main
+
+    reset_parameters, forward = SingleCellVariationalInference.reset_parameters, SingleCellVariationalInference.forward
+    steps: list[dict] = []
+
+    def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
+        reset_parameters(self)
+        self.load_state_dict(scvi_tools_state_to_ours(vae, self, bm.N_LAYERS))
+
+    def recording_forward(self: SingleCellVariationalInference, x_ng, var_names_g, batch_index_n, *args, **kwargs):
+        output = forward(self, x_ng, var_names_g, batch_index_n, *args, **kwargs)
+        if self.training:
+            steps.append({"X": x_ng.to_dense().clone(), "batch": batch_index_n.clone()[:, None],
+                          "kl_weight": float(self.z_kl_weight), "loss": float(output["loss"].detach())})
+        return output
+
+    output = data_dir / f"replay_seed{seed}" / "reference.ckpt"
+    shutil.rmtree(output.parent, ignore_errors=True)
+    output.parent.mkdir()
+    SingleCellVariationalInference.reset_parameters = reset_to_scvi_tools
+    SingleCellVariationalInference.forward = recording_forward
+    try:
+        rc = cli_main(bm.ours_reference_args(str(data_dir / "reference.h5ad"), str(data_dir / "hvg.txt"), str(output),
+                                             epochs, warmup, seed))
+    finally:
+        SingleCellVariationalInference.reset_parameters, SingleCellVariationalInference.forward = reset_parameters, forward
+    if rc not in (0, None):
+        sys.exit(f"train-scvi failed ({rc})")
+    for step in steps:
+        step["labels"] = torch.zeros_like(step["batch"])
+    return steps
+
+
+def replay_in_scvi_tools(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
+                         perturbation: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' TrainingPlan on the recorded batches with train-scvi's per-step seeds; losses, KL weights."""
+    import lightning.pytorch as pl
+    import torch
+    from scvi.train import TrainingPlan
+    from torch.utils.data import DataLoader
+
+    from cellarium_steps.data.dataset import collate_identity
+    from cellarium_steps.runner.module import training_step_seed
+
+    vae.load_state_dict(initial)
+    if perturbation:
+        generator = torch.Generator().manual_seed(123)
+        with torch.no_grad():
+            for parameter in vae.parameters():
+                parameter.mul_(1 + perturbation * torch.randn(parameter.shape, generator=generator))
+    losses, kl_weights = [], []
+
+    class SeedAsTrainScvi(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            losses.append(float(outputs["loss"]))
+            kl_weights.append(float(pl_module.kl_weight))
+
+    batches = [{k: s[k] for k in ("X", "batch", "labels")} for s in steps]
+    plan = TrainingPlan(vae, lr=bm.LEARNING_RATE, n_steps_kl_warmup=warmup, n_epochs_kl_warmup=None)
+    # One epoch of every recorded step: scvi-tools' warm-up by steps counts global steps only.
+    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, callbacks=[SeedAsTrainScvi()]).fit(
+        plan, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=collate_identity))
+    return np.array(losses), np.array(kl_weights)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0, help="the seed of both sides (default: 0)")
+    parser.add_argument("--epochs", type=int, default=12,
+                        help="epochs recorded (default: 12); the KL warm-up is the 100-epoch bench's")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    data_dir = OUT_DIR / "mapping"
+    if not (data_dir / "hvg.txt").is_file():
+        sys.exit(f"{data_dir} has no benchmark data: run benchmarks/bench_mapping.py first")
+    genes = (data_dir / "hvg.txt").read_text().split()
+    adata = bm.load(str(data_dir / "reference.h5ad"), genes)
+    warmup = bm.warmup_steps(adata.n_obs, 100)
+    vae = bm.scvi_reference_model(adata, args.seed).module
+    initial = {name: value.clone() for name, value in vae.state_dict().items()}
+
+    steps = record_train_scvi(data_dir, adata, vae, args.seed, args.epochs, warmup)
+    ours = np.array([s["loss"] for s in steps])
+    sizes = sorted({len(s["batch"]) for s in steps})
+    steps_per_epoch = len(steps) // args.epochs
+    print(f"train-scvi: {len(steps)} steps, {steps_per_epoch} per epoch, batch sizes {sizes}")
+    for name, perturbation in (("scvi-tools replay", 0.0), (f"scvi-tools replay, weights x (1 + {PERTURBATION:g} N)",
+                                                            PERTURBATION)):
+        theirs, kl_weights = replay_in_scvi_tools(vae, initial, steps, args.seed, warmup, perturbation)
+        relative = np.abs(ours - theirs) / np.abs(theirs)
+        kl_difference = np.abs(kl_weights - np.array([s["kl_weight"] for s in steps])).max()
+        per_epoch = " ".join(f"{relative[e * steps_per_epoch:(e + 1) * steps_per_epoch].max():.0e}"
+                             for e in range(args.epochs))
+        print(f"{name}: largest relative loss difference per epoch: {per_epoch} (KL weight max |diff| "
+              f"{kl_difference:.0e})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
