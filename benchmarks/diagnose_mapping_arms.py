@@ -16,6 +16,11 @@ Each arm changes one thing on one side, trains the reference with bench_mapping'
 - ``full-permutation``: ``train-scvi`` with the loader's shuffle made a full permutation (block 1, one
   window); mapped by ours.
 - ``ours``: ``train-scvi`` as it is, through the same in-process path (reproduces bench_mapping's seed).
+- ``scvi-permutation``: scvi-tools' model, initial weights and ``TrainingPlan`` (its own random stream, no
+  reseeding) in a plain Lightning loop fed a random permutation each epoch (batches of 128, the last 63:
+  its loader's distribution); mapped by scvi-tools. The control for the next arm.
+- ``scvi-our-loader``: the same, fed the batches of our loader (``ShardedCellDataset``, shuffled as
+  train-scvi shuffles: 16-row blocks, 4,096-cell windows, the same seed); mapped by scvi-tools.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import bench_mapping as bm  # noqa: E402
 from _harness import OUT_DIR, cellarium_steps_exe  # noqa: E402
 
-ARMS = ("ours", "scvi-reseed", "scvi-init", "scvi-loader", "full-permutation")
+ARMS = ("ours", "scvi-reseed", "scvi-init", "scvi-loader", "full-permutation", "scvi-permutation", "scvi-our-loader")
 N_EPOCHS = 100
 
 
@@ -109,6 +114,67 @@ def _scvi_with_reseeding(reference_ad, query_ad, seed: int) -> tuple[np.ndarray,
     return mapped.get_latent_representation(reference_ad), mapped.get_latent_representation(query_ad)
 
 
+def _our_loader_batches(data_dir: Path, adata, seed: int) -> list[list[np.ndarray]]:
+    """Per epoch, the row numbers of each batch our shuffled loader gives train-scvi (same seed)."""
+    from cellarium_steps.data.dataset import ShardedCellDataset
+    from cellarium_steps.data.shards import open_shards
+
+    dataset = ShardedCellDataset(open_shards(str(data_dir / "reference.h5ad"), batch_key=bm.BATCH_KEY),
+                                 batch_size=bm.BATCH_SIZE, shuffle=True, seed=seed)
+    dataset.select_genes(list(adata.var_names[:1]))  # only the cells' names are needed
+    row = {name: i for i, name in enumerate(adata.obs_names)}
+    epochs = []
+    for epoch in range(N_EPOCHS):
+        dataset.set_epoch(epoch)
+        epochs.append([np.array([row[name] for name in batch["obs_names_n"]]) for batch in dataset])
+    return epochs
+
+
+def _scvi_on_batches(data_dir: Path, reference_ad, query_ad, seed: int, our_loader: bool) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' model and training plan in a plain loop, on a permutation per epoch or on our loader's batches."""
+    import lightning.pytorch as pl
+    import scvi
+    import torch
+    from scvi.train import TrainingPlan
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from cellarium_steps.data.dataset import collate_identity
+
+    model = bm.scvi_reference_model(reference_ad, seed)
+    x_ng = torch.tensor(reference_ad.X.toarray(), dtype=torch.float32)
+    batch_n = torch.tensor(reference_ad.obs[bm.BATCH_KEY].cat.codes.to_numpy(), dtype=torch.long)
+    epochs = _our_loader_batches(data_dir, reference_ad, seed) if our_loader else None
+    n_cells = reference_ad.n_obs
+
+    class Batches(IterableDataset):
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def __iter__(self):
+            if epochs is None:  # as scvi-tools' RandomSampler: a permutation from its global generator
+                order = torch.randperm(n_cells)
+                rows = [order[s:s + bm.BATCH_SIZE] for s in range(0, n_cells, bm.BATCH_SIZE)]
+            else:
+                rows = [torch.from_numpy(r) for r in epochs[self.epoch]]
+            self.epoch += 1
+            for r in rows:
+                yield {"X": x_ng[r], "batch": batch_n[r, None], "labels": torch.zeros(len(r), 1, dtype=torch.long)}
+
+        def __len__(self) -> int:
+            return -(-n_cells // bm.BATCH_SIZE)
+
+    plan = TrainingPlan(model.module, **bm.scvi_plan_kwargs(bm.warmup_steps(n_cells, N_EPOCHS)))
+    pl.Trainer(accelerator="cpu", max_epochs=N_EPOCHS, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False).fit(
+        plan, train_dataloaders=DataLoader(Batches(), batch_size=None, collate_fn=collate_identity))
+    model.module.eval()  # as scvi-tools' own train() leaves it
+    model.is_trained_ = True
+    mapped = scvi.model.SCVI.load_query_data(query_ad.copy(), model)
+    mapped.train(max_epochs=N_EPOCHS, plan_kwargs=bm.scvi_plan_kwargs(bm.warmup_steps(query_ad.n_obs, N_EPOCHS),
+                 query=True), **bm.SCVI_TRAIN_KWARGS)
+    return mapped.get_latent_representation(reference_ad), mapped.get_latent_representation(query_ad)
+
+
 def run_one(arm: str, seed: int) -> None:
     import torch
 
@@ -118,6 +184,8 @@ def run_one(arm: str, seed: int) -> None:
     reference_ad, query_ad = bm.load(str(data_dir / "reference.h5ad"), genes), bm.load(str(data_dir / "query.h5ad"), genes)
     if arm == "scvi-reseed":
         reference_z, query_z = _scvi_with_reseeding(reference_ad, query_ad, seed)
+    elif arm in ("scvi-permutation", "scvi-our-loader"):
+        reference_z, query_z = _scvi_on_batches(data_dir, reference_ad, query_ad, seed, arm == "scvi-our-loader")
     else:
         run_dir = data_dir / f"arm_{arm}_seed{seed}"
         shutil.rmtree(run_dir, ignore_errors=True)
