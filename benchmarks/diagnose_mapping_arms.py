@@ -56,7 +56,7 @@ def _train_reference_cli(data_dir: Path, reference: Path, n_cells: int, seed: in
 def _train_reference_on_scvi_loader(data_dir: Path, reference: Path, adata, scvi_model, seed: int) -> None:
     import lightning.pytorch as pl
     import torch
-    from test_scvi import scvi_tools_state_to_ours
+    from scvi_tools_parity import scvi_tools_state_to_ours
     from torch.utils.data import DataLoader, IterableDataset
 
     from cellarium_steps.pipelines.scvi import optimizer_kwargs
@@ -195,22 +195,12 @@ def run_one(arm: str, seed: int) -> None:
             _train_reference_on_scvi_loader(data_dir, reference, reference_ad, bm.scvi_reference_model(reference_ad, seed), seed)
         else:
             if arm == "scvi-init":
-                from test_scvi import scvi_tools_state_to_ours
+                from scvi_tools_parity import train_scvi_from_scvi_tools_weights
 
-                from cellarium_steps.models.scvi import SingleCellVariationalInference
-
+                # The query's model (more batches) is built after the block, with its own weights.
                 vae = bm.scvi_reference_model(reference_ad, seed).module
-                reset = SingleCellVariationalInference.reset_parameters
-
-                def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
-                    reset(self)
-                    self.load_state_dict(scvi_tools_state_to_ours(vae, self, bm.N_LAYERS))
-
-                SingleCellVariationalInference.reset_parameters = reset_to_scvi_tools
-                try:
+                with train_scvi_from_scvi_tools_weights(vae, bm.N_LAYERS):
                     _train_reference_cli(data_dir, reference, reference_ad.n_obs, seed)
-                finally:  # the query's model (more batches) is built with its own weights
-                    SingleCellVariationalInference.reset_parameters = reset
             elif arm == "full-permutation":
                 from cellarium_steps.data import dataset as dataset_module
 

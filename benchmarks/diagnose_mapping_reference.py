@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import scvi
     import torch
-    from test_scvi import scvi_tools_state_to_ours
+    from scvi_tools_parity import scvi_tools_state_to_ours
 
     from cellarium_steps.runner import CellariumModule
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the scvi-tools -> ours weight map
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # scvi_tools_parity
 
 import bench_mapping as bm  # noqa: E402
 from _harness import OUT_DIR  # noqa: E402
@@ -32,53 +32,27 @@ PERTURBATION = 1e-7
 
 def record_train_scvi(data_dir: Path, adata, vae, seed: int, epochs: int, warmup: int) -> list[dict]:
     """Run train-scvi from ``vae``'s weights; every training step's batch, KL weight and loss."""
-    import torch
-    from test_scvi import scvi_tools_state_to_ours
+    from scvi_tools_parity import train_scvi_from_scvi_tools_weights
 
-    from cellarium_steps.models.scvi import SingleCellVariationalInference
     from cellarium_steps.steps.cli import main as cli_main
-
-    reset_parameters, forward = SingleCellVariationalInference.reset_parameters, SingleCellVariationalInference.forward
-    steps: list[dict] = []
-
-    def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
-        reset_parameters(self)
-        self.load_state_dict(scvi_tools_state_to_ours(vae, self, bm.N_LAYERS))
-
-    def recording_forward(self: SingleCellVariationalInference, x_ng, var_names_g, batch_index_n, *args, **kwargs):
-        output = forward(self, x_ng, var_names_g, batch_index_n, *args, **kwargs)
-        if self.training:
-            steps.append({"X": x_ng.to_dense().clone(), "batch": batch_index_n.clone()[:, None],
-                          "kl_weight": float(self.z_kl_weight), "loss": float(output["loss"].detach())})
-        return output
 
     output = data_dir / f"replay_seed{seed}" / "reference.ckpt"
     shutil.rmtree(output.parent, ignore_errors=True)
     output.parent.mkdir()
-    SingleCellVariationalInference.reset_parameters = reset_to_scvi_tools
-    SingleCellVariationalInference.forward = recording_forward
-    try:
+    steps: list[dict] = []
+    with train_scvi_from_scvi_tools_weights(vae, bm.N_LAYERS, record=steps):
         rc = cli_main(bm.ours_reference_args(str(data_dir / "reference.h5ad"), str(data_dir / "hvg.txt"), str(output),
                                              epochs, warmup, seed))
-    finally:
-        SingleCellVariationalInference.reset_parameters, SingleCellVariationalInference.forward = reset_parameters, forward
     if rc not in (0, None):
         sys.exit(f"train-scvi failed ({rc})")
-    for step in steps:
-        step["labels"] = torch.zeros_like(step["batch"])
     return steps
 
 
-def replay_in_scvi_tools(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
-                         perturbation: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """scvi-tools' TrainingPlan on the recorded batches with train-scvi's per-step seeds; losses, KL weights."""
-    import lightning.pytorch as pl
+def replay(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
+           perturbation: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """scvi-tools' replay of ``steps`` from ``initial`` weights, optionally times (1 + perturbation N(0, 1))."""
     import torch
-    from scvi.train import TrainingPlan
-    from torch.utils.data import DataLoader
-
-    from cellarium_steps.data.dataset import collate_identity
-    from cellarium_steps.runner.module import training_step_seed
+    from scvi_tools_parity import replay_in_scvi_tools
 
     vae.load_state_dict(initial)
     if perturbation:
@@ -86,23 +60,7 @@ def replay_in_scvi_tools(vae, initial: dict, steps: list[dict], seed: int, warmu
         with torch.no_grad():
             for parameter in vae.parameters():
                 parameter.mul_(1 + perturbation * torch.randn(parameter.shape, generator=generator))
-    losses, kl_weights = [], []
-
-    class SeedAsTrainScvi(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            losses.append(float(outputs["loss"]))
-            kl_weights.append(float(pl_module.kl_weight))
-
-    batches = [{k: s[k] for k in ("X", "batch", "labels")} for s in steps]
-    plan = TrainingPlan(vae, lr=bm.LEARNING_RATE, n_steps_kl_warmup=warmup, n_epochs_kl_warmup=None)
-    # One epoch of every recorded step: scvi-tools' warm-up by steps counts global steps only.
-    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[SeedAsTrainScvi()]).fit(
-        plan, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=collate_identity))
-    return np.array(losses), np.array(kl_weights)
+    return replay_in_scvi_tools(vae, steps, seed, warmup, bm.LEARNING_RATE)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"train-scvi: {len(steps)} steps, {steps_per_epoch} per epoch, batch sizes {sizes}")
     for name, perturbation in (("scvi-tools replay", 0.0), (f"scvi-tools replay, weights x (1 + {PERTURBATION:g} N)",
                                                             PERTURBATION)):
-        theirs, kl_weights = replay_in_scvi_tools(vae, initial, steps, args.seed, warmup, perturbation)
+        theirs, kl_weights = replay(vae, initial, steps, args.seed, warmup, perturbation)
         relative = np.abs(ours - theirs) / np.abs(theirs)
         kl_difference = np.abs(kl_weights - np.array([s["kl_weight"] for s in steps])).max()
         per_epoch = " ".join(f"{relative[e * steps_per_epoch:(e + 1) * steps_per_epoch].max():.0e}"

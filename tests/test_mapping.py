@@ -14,7 +14,7 @@ import pyarrow.dataset as ds
 import pytest
 import scipy.sparse as sp
 import torch
-from test_scvi import paired_gradients, scvi_tools_state_to_ours
+from scvi_tools_parity import paired_gradients, scvi_tools_state_to_ours
 
 from cellarium_steps.data.simulate import simulate_shards
 from cellarium_steps.models import SingleCellVariationalInference

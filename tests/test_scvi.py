@@ -12,6 +12,12 @@ import pandas as pd
 import pytest
 import torch
 from conftest import run_cli
+from scvi_tools_parity import (
+    paired_gradients,
+    replay_in_scvi_tools,
+    scvi_tools_state_to_ours,
+    train_scvi_from_scvi_tools_weights,
+)
 from torch.utils.data import DataLoader
 
 from cellarium_steps.data.dataset import collate_identity
@@ -53,85 +59,6 @@ def pbmc_small(pbmc_multibatch: ad.AnnData) -> ad.AnnData:
     adata.obs["chemistry"] = adata.obs["chemistry"].astype(str).astype("category")
     adata.obs["noise"] = rng.normal(size=adata.n_obs)
     return adata
-
-
-def _copy_linear(state: dict, ours: dict, ours_prefix: str, weight: torch.Tensor, bias: torch.Tensor,
-                 n_in: int, n_batch: int) -> None:
-    """scvi-tools' Linear([input, one-hot batch, one-hot covariates]) into our split weights."""
-    ours[f"{ours_prefix}.weight"] = weight[:, :n_in]
-    if f"{ours_prefix}.batch_weight" in state:
-        ours[f"{ours_prefix}.batch_weight"] = weight[:, n_in : n_in + n_batch]
-    if f"{ours_prefix}.categorical_weight" in state:
-        ours[f"{ours_prefix}.categorical_weight"] = weight[:, n_in + n_batch :]
-    n_used = sum(ours[f"{ours_prefix}.{k}"].shape[1] for k in ("weight", "batch_weight", "categorical_weight")
-                 if f"{ours_prefix}.{k}" in ours)
-    assert n_used == weight.shape[1]
-    ours[f"{ours_prefix}.bias"] = bias
-
-
-def scvi_tools_state_to_ours(vae: torch.nn.Module, model: SingleCellVariationalInference, n_layers: int) -> dict:
-    """Map an scvi-tools VAE's weights onto our module names (the same architecture)."""
-    theirs = vae.state_dict()
-    state = model.state_dict()
-    ours: dict[str, torch.Tensor] = {}
-
-    def batch_norm(theirs_prefix: str, ours_prefix: str) -> None:
-        for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
-            ours[f"{ours_prefix}.{key}"] = theirs[f"{theirs_prefix}.{key}"]
-
-    n_batch = model.n_batch_features
-    for i in range(n_layers):
-        for side, theirs_prefix in (("z_encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
-            t = f"{theirs_prefix}.fc_layers.Layer {i}"
-            n_in = state[f"{side}.hidden.layers.{i}.layer.weight"].shape[1]
-            _copy_linear(state, ours, f"{side}.hidden.layers.{i}.layer", theirs[f"{t}.0.weight"],
-                         theirs[f"{t}.0.bias"], n_in, n_batch)
-            if f"{t}.1.weight" in theirs:  # batch norm (scvi-tools keeps a None in its place without it)
-                batch_norm(f"{t}.1", f"{side}.hidden.layers.{i}.batch_norm")
-    for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
-        for key in ("weight", "bias"):
-            ours[f"z_encoder.{ours_name}.{key}"] = theirs[f"z_encoder.{theirs_name}.{key}"]
-    for key in ("weight", "bias"):
-        ours[f"decoder.scale_layer.{key}"] = theirs[f"decoder.px_scale_decoder.0.{key}"]
-        if "decoder.dispersion_layer.weight" in state:
-            ours[f"decoder.dispersion_layer.{key}"] = theirs[f"decoder.px_r_decoder.{key}"]
-    if "px_r" in state:
-        ours["px_r"] = theirs["px_r"]
-    assert set(ours) == set(state), set(ours) ^ set(state)
-    return ours
-
-
-def paired_gradients(model: SingleCellVariationalInference, vae: torch.nn.Module, n_layers: int):
-    """Yield (name, our gradient, scvi-tools' gradient of the same numbers) for every parameter."""
-    ours = dict(model.named_parameters())
-    theirs = dict(vae.named_parameters())
-    for i in range(n_layers):
-        for side, theirs_prefix in (("z_encoder", "z_encoder.encoder"), ("decoder", "decoder.px_decoder")):
-            t = f"{theirs_prefix}.fc_layers.Layer {i}"
-            layer = f"{side}.hidden.layers.{i}.layer"
-            weight = theirs[f"{t}.0.weight"].grad
-            n_in = ours[f"{layer}.weight"].shape[1]
-            yield f"{layer}.weight", ours[f"{layer}.weight"].grad, weight[:, :n_in]
-            n_b = ours[f"{layer}.batch_weight"].shape[1] if f"{layer}.batch_weight" in ours else 0
-            if n_b:
-                yield f"{layer}.batch_weight", ours[f"{layer}.batch_weight"].grad, weight[:, n_in : n_in + n_b]
-            if f"{layer}.categorical_weight" in ours:
-                yield f"{layer}.categorical_weight", ours[f"{layer}.categorical_weight"].grad, weight[:, n_in + n_b :]
-            yield f"{layer}.bias", ours[f"{layer}.bias"].grad, theirs[f"{t}.0.bias"].grad
-            for key in ("weight", "bias"):
-                norm = f"{side}.hidden.layers.{i}.batch_norm.{key}"
-                if norm in ours:
-                    yield norm, ours[norm].grad, theirs[f"{t}.1.{key}"].grad
-    for theirs_name, ours_name in (("mean_encoder", "mean_layer"), ("var_encoder", "var_layer")):
-        for key in ("weight", "bias"):
-            yield ours_name, ours[f"z_encoder.{ours_name}.{key}"].grad, theirs[f"z_encoder.{theirs_name}.{key}"].grad
-    for key in ("weight", "bias"):
-        yield "scale_layer", ours[f"decoder.scale_layer.{key}"].grad, theirs[f"decoder.px_scale_decoder.0.{key}"].grad
-        if f"decoder.dispersion_layer.{key}" in ours:
-            yield ("dispersion_layer", ours[f"decoder.dispersion_layer.{key}"].grad,
-                   theirs[f"decoder.px_r_decoder.{key}"].grad)
-    if "px_r" in ours:
-        yield "px_r", ours["px_r"].grad, theirs["px_r"].grad
 
 
 PARITY_CASES = {
@@ -302,8 +229,7 @@ def test_training_follows_scvi_tools_step_by_step(pbmc_small: ad.AnnData) -> Non
         assert relative_error(value, initial[name]) > 1e-3, f"{name} did not train"
 
 
-def test_train_scvi_step_trains_as_scvi_tools_on_its_batches(pbmc_small: ad.AnnData, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_scvi_step_trains_as_scvi_tools_on_its_batches(pbmc_small: ad.AnnData, tmp_path: Path) -> None:
     """The whole ``train-scvi`` path (shard reader, shuffled loader, trainer, checkpointing, per-step seeding,
     KL warm-up by steps) is scvi-tools' training plan on the batches that path makes: started from
     scvi-tools' initial weights, train-scvi records every training batch its model sees, and scvi-tools'
@@ -311,9 +237,6 @@ def test_train_scvi_step_trains_as_scvi_tools_on_its_batches(pbmc_small: ad.AnnD
     gives the same loss at every step and the same final weights. scArches' reference architecture, as
     bench_mapping.py trains it."""
     scvi = pytest.importorskip("scvi", reason="scvi-tools is not installed")
-    from scvi.train import TrainingPlan
-
-    from cellarium_steps.runner.module import training_step_seed
 
     n_epochs, batch_size, warmup_steps, n_layers, seed = 4, 64, 20, 2, 3
     path, output = tmp_path / "pbmc.h5ad", tmp_path / "scvi.ckpt"
@@ -326,60 +249,32 @@ def test_train_scvi_step_trains_as_scvi_tools_on_its_batches(pbmc_small: ad.AnnD
                           use_batch_norm="none").module
     initial = {name: value.clone() for name, value in vae.state_dict().items()}
 
-    reset_parameters, forward = SingleCellVariationalInference.reset_parameters, SingleCellVariationalInference.forward
-
-    def reset_to_scvi_tools(self: SingleCellVariationalInference) -> None:
-        reset_parameters(self)
-        self.load_state_dict(scvi_tools_state_to_ours(vae, self, n_layers))
-
-    seen: list[tuple[torch.Tensor, torch.Tensor, float, float]] = []
-
-    def recording_forward(self: SingleCellVariationalInference, x_ng, var_names_g, batch_index_n, *args, **kwargs):
-        output = forward(self, x_ng, var_names_g, batch_index_n, *args, **kwargs)
-        if self.training:
-            assert list(var_names_g) == list(adata.var_names)
-            seen.append((x_ng.to_dense().clone(), batch_index_n.clone(), float(output["loss"].detach()), self.z_kl_weight))
-        return output
-
-    monkeypatch.setattr(SingleCellVariationalInference, "reset_parameters", reset_to_scvi_tools)
-    monkeypatch.setattr(SingleCellVariationalInference, "forward", recording_forward)
-    code = cli_main(["train-scvi", "--input", str(path), "--batch-key", "source", "--encode-covariates",
-                     "--use-layer-norm", "both", "--use-batch-norm", "none", "--n-layers", str(n_layers),
-                     "--n-hidden", "128", "--n-latent", "10", "--dropout-rate", "0.2", "--max-epochs", str(n_epochs),
-                     "--batch-size", str(batch_size), "--kl-warmup-steps", str(warmup_steps), "--learning-rate", "1e-3",
-                     "--seed", str(seed), "--accelerator", "cpu", "--output", str(output), "--quiet"])
+    seen: list[dict] = []
+    with train_scvi_from_scvi_tools_weights(vae, n_layers, record=seen):
+        code = cli_main(["train-scvi", "--input", str(path), "--batch-key", "source", "--encode-covariates",
+                         "--use-layer-norm", "both", "--use-batch-norm", "none", "--n-layers", str(n_layers),
+                         "--n-hidden", "128", "--n-latent", "10", "--dropout-rate", "0.2", "--max-epochs",
+                         str(n_epochs), "--batch-size", str(batch_size), "--kl-warmup-steps", str(warmup_steps),
+                         "--learning-rate", "1e-3", "--seed", str(seed), "--accelerator", "cpu", "--output",
+                         str(output), "--quiet"])
     assert code == 0
-    monkeypatch.undo()
     steps_per_epoch = -(-adata.n_obs // batch_size)
     assert len(seen) == n_epochs * steps_per_epoch
+    assert all(list(step["var_names_g"]) == list(adata.var_names) for step in seen)
     # Every cell once per epoch, in a new order each epoch (rows identified by their counts).
     rows = {tuple(row.tolist()): i for i, row in enumerate(torch.tensor(adata.X.toarray(), dtype=torch.float32))}
-    orders = [[rows[tuple(row.tolist())] for x, *_ in seen[e * steps_per_epoch:(e + 1) * steps_per_epoch] for row in x]
-              for e in range(n_epochs)]
+    orders = [[rows[tuple(row.tolist())] for step in seen[e * steps_per_epoch:(e + 1) * steps_per_epoch]
+               for row in step["X"]] for e in range(n_epochs)]
     assert all(sorted(order) == list(range(adata.n_obs)) for order in orders)
     assert len({tuple(order) for order in orders}) == n_epochs
 
     vae.load_state_dict(initial)
-    replay = [{"X": x, "batch": b[:, None], "labels": torch.zeros(len(b), 1, dtype=torch.long)} for x, b, *_ in seen]
-    theirs: list[tuple[float, float]] = []
-
-    class SeedAsTrainScvi(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            theirs.append((float(outputs["loss"]), float(pl_module.kl_weight)))
-
-    plan = TrainingPlan(vae, lr=1e-3, n_steps_kl_warmup=warmup_steps, n_epochs_kl_warmup=None)
-    # One epoch of every recorded step: scvi-tools' warm-up by steps counts global steps only.
-    pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[SeedAsTrainScvi()]).fit(
-        plan, train_dataloaders=DataLoader(replay, batch_size=None, collate_fn=collate_identity))
+    losses, kl_weights = replay_in_scvi_tools(vae, seen, seed, warmup_steps, learning_rate=1e-3)
 
     # Measured: losses within 1e-6 (relative) over 32 steps; on bench_mapping's reference (5,567 cells x
     # 2,000 genes, batch 128) within 1e-6 for the first 440 steps.
-    np.testing.assert_allclose([loss for *_, loss, _ in seen], [loss for loss, _ in theirs], rtol=1e-5)
-    np.testing.assert_allclose([kl for *_, kl in seen], [kl for _, kl in theirs], atol=1e-7)
+    np.testing.assert_allclose([step["loss"] for step in seen], losses, rtol=1e-5)
+    np.testing.assert_allclose([step["kl_weight"] for step in seen], kl_weights, atol=1e-7)
     trained = CellariumModule.from_checkpoint(str(output)).model
     expected = scvi_tools_state_to_ours(vae, trained, n_layers)
     for name, value in trained.state_dict().items():
