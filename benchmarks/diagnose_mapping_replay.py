@@ -2,6 +2,7 @@
 benchmark's scale? And how soon do two runs that differ only by rounding part?
 
     .venv/bin/python benchmarks/diagnose_mapping_replay.py --seed 0 --epochs 12
+    .venv/bin/python benchmarks/diagnose_mapping_replay.py --seed 0 --epochs 12 --recorded scvi-train
 
 ``train-scvi`` (the CLI, in-process, bench_mapping's reference settings and data, cached under
 ``benchmarks/out/mapping`` by it; run it once first) starts from scvi-tools' initial weights of the seed
@@ -10,6 +11,11 @@ scvi-tools' ``TrainingPlan`` then replays those batches with the same per-step s
 masks and reparametrisation noise), twice: from the same initial weights, and, as a control, from those
 weights times (1 + 1e-7 N(0, 1)), a perturbation of float32 rounding's size. Printed per epoch: the
 largest relative difference of a step's loss, ours against each replay.
+
+With ``--recorded scvi-train`` the recorded side is scvi-tools' own ``SCVI.train`` (bench_mapping's
+scvi-tools worker: its data splitter, loader and trainer), torch seeded before each step as train-scvi
+seeds it: whether ``SCVI.train`` does anything to training that its ``TrainingPlan`` in a plain Lightning
+loop, on the same batches, does not.
 """
 
 from __future__ import annotations
@@ -48,6 +54,32 @@ def record_train_scvi(data_dir: Path, adata, vae, seed: int, epochs: int, warmup
     return steps
 
 
+def record_scvi_train(adata, seed: int, epochs: int, warmup: int) -> tuple[object, list[dict]]:
+    """Train ``SCVI.train`` as bench_mapping's scvi-tools worker does, torch seeded before each step as
+    train-scvi seeds it; its module (initial weights restored) and every step's batch, KL weight and loss."""
+    import lightning.pytorch as pl
+    import torch
+
+    from cellarium_steps.runner.module import training_step_seed
+
+    model = bm.scvi_reference_model(adata, seed)
+    initial = {name: value.clone() for name, value in model.module.state_dict().items()}
+    steps: list[dict] = []
+
+    class SeedAndRecord(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
+            steps.append({key: value.clone() for key, value in batch.items()})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            steps[-1].update(loss=float(outputs["loss"]), kl_weight=float(pl_module.kl_weight))
+
+    model.train(max_epochs=epochs, plan_kwargs=bm.scvi_plan_kwargs(warmup), callbacks=[SeedAndRecord()],
+                **bm.SCVI_TRAIN_KWARGS)
+    model.module.load_state_dict(initial)
+    return model.module, steps
+
+
 def replay(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
            perturbation: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """scvi-tools' replay of ``steps`` from ``initial`` weights, optionally times (1 + perturbation N(0, 1))."""
@@ -55,6 +87,7 @@ def replay(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
     from scvi_tools_parity import replay_in_scvi_tools
 
     vae.load_state_dict(initial)
+    vae.train()  # SCVI.train leaves its module in evaluation mode, and Lightning 2 keeps a module's mode
     if perturbation:
         generator = torch.Generator().manual_seed(123)
         with torch.no_grad():
@@ -68,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="the seed of both sides (default: 0)")
     parser.add_argument("--epochs", type=int, default=12,
                         help="epochs recorded (default: 12); the KL warm-up is the 100-epoch bench's")
+    parser.add_argument("--recorded", choices=("train-scvi", "scvi-train"), default="train-scvi",
+                        help="the side recorded and replayed: our CLI (default) or scvi-tools' SCVI.train")
     args = parser.parse_args(argv)
 
     import torch
@@ -79,14 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     genes = (data_dir / "hvg.txt").read_text().split()
     adata = bm.load(str(data_dir / "reference.h5ad"), genes)
     warmup = bm.warmup_steps(adata.n_obs, 100)
-    vae = bm.scvi_reference_model(adata, args.seed).module
+    if args.recorded == "scvi-train":
+        vae, steps = record_scvi_train(adata, args.seed, args.epochs, warmup)
+    else:
+        vae = bm.scvi_reference_model(adata, args.seed).module
     initial = {name: value.clone() for name, value in vae.state_dict().items()}
-
-    steps = record_train_scvi(data_dir, adata, vae, args.seed, args.epochs, warmup)
+    if args.recorded == "train-scvi":
+        steps = record_train_scvi(data_dir, adata, vae, args.seed, args.epochs, warmup)
     ours = np.array([s["loss"] for s in steps])
     sizes = sorted({len(s["batch"]) for s in steps})
     steps_per_epoch = len(steps) // args.epochs
-    print(f"train-scvi: {len(steps)} steps, {steps_per_epoch} per epoch, batch sizes {sizes}")
+    print(f"{args.recorded}: {len(steps)} steps, {steps_per_epoch} per epoch, batch sizes {sizes}")
     for name, perturbation in (("scvi-tools replay", 0.0), (f"scvi-tools replay, weights x (1 + {PERTURBATION:g} N)",
                                                             PERTURBATION)):
         theirs, kl_weights = replay(vae, initial, steps, args.seed, warmup, perturbation)
