@@ -87,7 +87,6 @@ def replay(vae, initial: dict, steps: list[dict], seed: int, warmup: int,
     from scvi_tools_parity import replay_in_scvi_tools
 
     vae.load_state_dict(initial)
-    vae.train()  # SCVI.train leaves its module in evaluation mode, and Lightning 2 keeps a module's mode
     if perturbation:
         generator = torch.Generator().manual_seed(123)
         with torch.no_grad():

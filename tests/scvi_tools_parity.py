@@ -130,8 +130,9 @@ def train_scvi_from_scvi_tools_weights(vae: torch.nn.Module, n_layers: int,
 
 def replay_in_scvi_tools(vae: torch.nn.Module, steps: list[dict], seed: int, warmup_steps: int,
                          learning_rate: float) -> tuple[np.ndarray, np.ndarray]:
-    """scvi-tools' ``TrainingPlan`` on ``vae`` (as it is) over recorded steps, torch seeded before each step as
-    train-scvi seeds it (the same dropout masks and reparametrisation noise); the losses and KL weights."""
+    """scvi-tools' ``TrainingPlan`` on ``vae`` (its weights as they are, in training mode) over recorded steps,
+    torch seeded before each step as train-scvi seeds it (the same dropout masks and reparametrisation
+    noise); the losses and KL weights."""
     from scvi.train import TrainingPlan
 
     losses, kl_weights = [], []
@@ -145,6 +146,8 @@ def replay_in_scvi_tools(vae: torch.nn.Module, steps: list[dict], seed: int, war
             kl_weights.append(float(pl_module.kl_weight))
 
     batches = [{key: step[key] for key in ("X", "batch", "labels")} for step in steps]
+    # Lightning 2 keeps a module's mode through fit, and SCVI.train leaves its module in evaluation mode.
+    vae.train()
     plan = TrainingPlan(vae, lr=learning_rate, n_steps_kl_warmup=warmup_steps, n_epochs_kl_warmup=None)
     # One epoch of every recorded step: scvi-tools' warm-up by steps counts global steps only.
     pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
