@@ -93,18 +93,10 @@ def _train_reference_on_scvi_loader(data_dir: Path, reference: Path, adata, scvi
 
 
 def _scvi_with_reseeding(reference_ad, query_ad, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    import lightning.pytorch as pl
     import scvi
-    import torch
+    from scvi_tools_parity import SeedAsTrainScvi
 
-    from cellarium_steps.runner.module import training_step_seed
-
-    class Reseed(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step,
-                                                                          trainer.global_rank))
-
-    kwargs = {**bm.SCVI_TRAIN_KWARGS, "callbacks": [Reseed()]}
+    kwargs = {**bm.SCVI_TRAIN_KWARGS, "callbacks": [SeedAsTrainScvi(seed)]}
     model = bm.scvi_reference_model(reference_ad, seed)
     model.train(max_epochs=N_EPOCHS, plan_kwargs=bm.scvi_plan_kwargs(bm.warmup_steps(reference_ad.n_obs, N_EPOCHS)),
                 **kwargs)

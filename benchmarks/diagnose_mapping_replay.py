@@ -57,24 +57,21 @@ def record_train_scvi(data_dir: Path, adata, vae, seed: int, epochs: int, warmup
 def record_scvi_train(adata, seed: int, epochs: int, warmup: int) -> tuple[object, list[dict]]:
     """Train ``SCVI.train`` as bench_mapping's scvi-tools worker does, torch seeded before each step as
     train-scvi seeds it; its module (initial weights restored) and every step's batch, KL weight and loss."""
-    import lightning.pytorch as pl
-    import torch
-
-    from cellarium_steps.runner.module import training_step_seed
+    from scvi_tools_parity import SeedAsTrainScvi
 
     model = bm.scvi_reference_model(adata, seed)
     initial = {name: value.clone() for name, value in model.module.state_dict().items()}
     steps: list[dict] = []
 
-    class SeedAndRecord(pl.Callback):
+    class SeedAndRecord(SeedAsTrainScvi):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
             steps.append({key: value.clone() for key, value in batch.items()})
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             steps[-1].update(loss=float(outputs["loss"]), kl_weight=float(pl_module.kl_weight))
 
-    model.train(max_epochs=epochs, plan_kwargs=bm.scvi_plan_kwargs(warmup), callbacks=[SeedAndRecord()],
+    model.train(max_epochs=epochs, plan_kwargs=bm.scvi_plan_kwargs(warmup), callbacks=[SeedAndRecord(seed)],
                 **bm.SCVI_TRAIN_KWARGS)
     model.module.load_state_dict(initial)
     return model.module, steps

@@ -128,6 +128,19 @@ def train_scvi_from_scvi_tools_weights(vae: torch.nn.Module, n_layers: int,
         SingleCellVariationalInference.forward = forward
 
 
+class SeedAsTrainScvi(pl.Callback):
+    """Seeds torch's generator before each training step as train-scvi does (``CellariumModule``,
+    ``training_step_seed``), so an scvi-tools run draws the dropout masks and reparametrisation noise that
+    train-scvi would draw at that step and rank."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.random.default_generator.manual_seed(training_step_seed(self.seed, trainer.global_step,
+                                                                      trainer.global_rank))
+
+
 def replay_in_scvi_tools(vae: torch.nn.Module, steps: list[dict], seed: int, warmup_steps: int,
                          learning_rate: float) -> tuple[np.ndarray, np.ndarray]:
     """scvi-tools' ``TrainingPlan`` on ``vae`` (its weights as they are, in training mode) over recorded steps,
@@ -137,10 +150,7 @@ def replay_in_scvi_tools(vae: torch.nn.Module, steps: list[dict], seed: int, war
 
     losses, kl_weights = [], []
 
-    class SeedAsTrainScvi(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            torch.random.default_generator.manual_seed(training_step_seed(seed, trainer.global_step, 0))
-
+    class SeedAndLog(SeedAsTrainScvi):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             losses.append(float(outputs["loss"]))
             kl_weights.append(float(pl_module.kl_weight))
@@ -151,6 +161,6 @@ def replay_in_scvi_tools(vae: torch.nn.Module, steps: list[dict], seed: int, war
     plan = TrainingPlan(vae, lr=learning_rate, n_steps_kl_warmup=warmup_steps, n_epochs_kl_warmup=None)
     # One epoch of every recorded step: scvi-tools' warm-up by steps counts global steps only.
     pl.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, callbacks=[SeedAsTrainScvi()]).fit(
+               enable_model_summary=False, callbacks=[SeedAndLog(seed)]).fit(
         plan, train_dataloaders=DataLoader(batches, batch_size=None, collate_fn=collate_identity))
     return np.array(losses), np.array(kl_weights)
