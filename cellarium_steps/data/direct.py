@@ -36,16 +36,23 @@ class DirectFile:
         self.h5file = h5file
         self._layouts = {} if layouts is None else layouts
         self._fd: int | None = None
+        # By name: the open dataset, its length and dtype. h5py's lookup and attribute reads cost
+        # ~0.2 ms a read, more than a shuffled block's bytes.
+        self._datasets: dict[str, tuple[h5py.Dataset, int, np.dtype]] = {}
 
     def close(self) -> None:
+        self._datasets.clear()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """``h5file[name][start:stop]``, with ``start`` and ``stop`` clipped to the dataset."""
-        dataset = self.h5file[name]
-        size = int(dataset.shape[0])
+        opened = self._datasets.get(name)
+        if opened is None:
+            dataset = self.h5file[name]
+            opened = self._datasets[name] = (dataset, int(dataset.shape[0]), dataset.dtype)
+        dataset, size, dtype = opened
         start, stop = min(max(0, start), size), min(max(0, stop), size)
         if name not in self._layouts:
             self._layouts[name] = _byte_layout(dataset)
@@ -54,7 +61,7 @@ class DirectFile:
         layout = self._layouts[name]
         if layout is None:
             return dataset[start:stop]
-        return self._read_bytes(layout, dataset.dtype, start, stop)
+        return self._read_bytes(layout, dtype, start, stop)
 
     def _read_bytes(self, layout: _Layout, dtype: np.dtype, start: int, stop: int) -> np.ndarray:
         if self._fd is None:
