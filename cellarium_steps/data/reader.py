@@ -21,7 +21,8 @@ from cellarium_steps.data.sources import Store, encoding_type, is_group, read_ar
 # Per dataset and open file. Rows are read in contiguous runs, so a small cache suffices, and a
 # large one multiplied by (datasets x open shards) would dominate the step's memory.
 _CHUNK_CACHE_BYTES = 4 * 1024 * 1024
-# Shards are visited one after another; keeping a couple open covers batches that span two.
+# Unshuffled, shards are visited one after another; keeping a couple open covers batches that
+# span two. A shuffled epoch's window reads a few shards (see ShardedCellDataset).
 _MAX_OPEN_FILES = 2
 
 
@@ -39,8 +40,9 @@ class ShardReader:
     """Reads row sets from the shards of a collection; one per process (file handles don't fork)."""
 
     def __init__(self, collection: ShardCollection, require_counts: bool = True,
-                 layouts: dict[str, dict] | None = None):
+                 layouts: dict[str, dict] | None = None, max_open_files: int = _MAX_OPEN_FILES):
         self.collection = collection
+        self.max_open_files = max_open_files
         self.require_counts = require_counts
         # By path, most recently used last: the open store and its kept rows (None: every row).
         self._files: dict[str, tuple[Store, np.ndarray | None]] = {}
@@ -63,7 +65,7 @@ class ShardReader:
                           chunk_cache_bytes=_CHUNK_CACHE_BYTES)
             # Unpacked once per opening: one shard's kept rows, not the collection's.
             opened = (store, None if shard.kept_bits is None else shard.kept_rows())
-            while len(self._files) >= _MAX_OPEN_FILES:
+            while len(self._files) >= self.max_open_files:
                 self._files.pop(next(iter(self._files)))[0].close()
         self._files[shard.path] = opened
         return opened
@@ -104,12 +106,17 @@ class ShardReader:
             datas, indices, lengths = [], [], []
             if runs:
                 lo, hi = runs[0][0], runs[-1][1]
-                indptr_span = store.read(f"{key}/indptr", lo, hi + 1).astype(np.int64)
+                # One read of indptr over the span, unless the runs are sparse in it (a shuffled
+                # chunk: blocks from all over a large shard), where the span would be most of indptr.
+                span = hi - lo <= 4 * len(rows) + 4096
+                indptr_span = store.read(f"{key}/indptr", lo, hi + 1).astype(np.int64) if span else None
                 for a, b in runs:
-                    p0, p1 = int(indptr_span[a - lo]), int(indptr_span[b - lo])
+                    indptr_run = indptr_span[a - lo : b - lo + 1] if span else \
+                        store.read(f"{key}/indptr", a, b + 1).astype(np.int64)
+                    p0, p1 = int(indptr_run[0]), int(indptr_run[-1])
                     datas.append(store.read(f"{key}/data", p0, p1))
                     indices.append(store.read(f"{key}/indices", p0, p1))
-                    lengths.append(np.diff(indptr_span[a - lo : b - lo + 1]))
+                    lengths.append(np.diff(indptr_run))
             data = datas[0] if len(datas) == 1 else np.concatenate(datas or [np.zeros(0, np.float32)])
             index = indices[0] if len(indices) == 1 else np.concatenate(indices or [np.zeros(0, np.int32)])
             indptr = np.concatenate([[0], np.cumsum(np.concatenate(lengths or [np.zeros(0, np.int64)]))])
