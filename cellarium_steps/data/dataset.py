@@ -75,6 +75,7 @@ class ShardedCellDataset(IterableDataset):
         require_counts: bool = True,
         shuffle_block_size: int = 16,
         shuffle_window: int = 4096,
+        shuffle_window_chunks: int = 16,
         with_totals: bool = True,
         genes: Sequence[str] | None = None,
         with_obs_names: bool = True,
@@ -94,6 +95,7 @@ class ShardedCellDataset(IterableDataset):
         self.require_counts = require_counts
         self.shuffle_block_size = shuffle_block_size
         self.shuffle_window = shuffle_window
+        self.shuffle_window_chunks = shuffle_window_chunks
         self.epoch = 0
         self.rank = 0
         self.world_size = 1
@@ -133,6 +135,7 @@ class ShardedCellDataset(IterableDataset):
             epoch=self.epoch,
             shuffle_block_size=self.shuffle_block_size,
             shuffle_window=self.shuffle_window,
+            shuffle_window_chunks=self.shuffle_window_chunks,
         )
 
     def __len__(self) -> int:
@@ -144,7 +147,9 @@ class ShardedCellDataset(IterableDataset):
         return self._batches(info.id, info.num_workers) if info else self._batches(0, 1)
 
     def _batches(self, worker_id: int, num_workers: int) -> Iterator[BatchDict]:
-        reader = ShardReader(self.collection, require_counts=self.require_counts, layouts=self._byte_layouts)
+        # A shuffled window reads up to ``shuffle_window_chunks`` shards: keep them all open.
+        reader = ShardReader(self.collection, require_counts=self.require_counts, layouts=self._byte_layouts,
+                             max_open_files=self.shuffle_window_chunks + 1 if self.shuffle else 2)
         window_cache: dict[tuple[int, int], _RowBlock] = {}
         try:
             for pieces in self.plan().batches(worker_id, num_workers):
@@ -156,10 +161,12 @@ class ShardedCellDataset(IterableDataset):
     def _read_piece(self, reader: ShardReader, piece: BatchPiece, window_cache: dict) -> _RowBlock:
         if piece.window_rows is None:
             return self._read_rows(reader, piece.shard_index, piece.rows)
-        key = (piece.shard_index, piece.window)
+        key = (piece.window, piece.shard_index)
         if key not in window_cache:
-            # One window at a time: memory stays at one window, whatever the shard size.
-            window_cache.clear()
+            # One window at a time (its few shards' rows): memory stays at one window, whatever the
+            # collection's size.
+            if any(window != piece.window for window, _ in window_cache):
+                window_cache.clear()
             window_cache[key] = self._read_rows(reader, piece.shard_index, piece.window_rows)
         return window_cache[key].select(np.searchsorted(piece.window_rows, piece.rows))
 
