@@ -252,6 +252,25 @@ def cellarium_steps_exe() -> str:
     return str(exe)
 
 
+def checkpoint_latent(checkpoint: str, adata, batch_key: str) -> np.ndarray:
+    """A scVI checkpoint's latent means of an in-memory AnnData's cells (its genes as the checkpoint's),
+    each cell's ``batch_key`` coded as the checkpoint codes its batches; 1,024 cells at a time."""
+    import torch
+
+    from cellarium_steps.runner import CellariumModule
+
+    module = CellariumModule.from_checkpoint(checkpoint)
+    categories = [str(c) for c in module.recipe["data"]["batch_categories"]]
+    batch_index_n = torch.tensor([categories.index(b) for b in adata.obs[batch_key].astype(str)])
+    parts = []
+    with torch.no_grad():
+        for start in range(0, adata.n_obs, 1024):
+            rows = slice(start, min(start + 1024, adata.n_obs))
+            x_ng = torch.tensor(adata.X[rows].toarray(), dtype=torch.float32)
+            parts.append(module.model.predict(x_ng, adata.var_names.values, batch_index_n[rows])["x_ng"].numpy())
+    return np.concatenate(parts)
+
+
 def max_rel_error(ours: np.ndarray, ref: np.ndarray) -> float:
     """Largest |a - b| / max(|a|, |b|) over entries; 0 where both are 0 and where both are NaN."""
     ours = np.asarray(ours, dtype=np.float64)

@@ -59,6 +59,7 @@ from _harness import (
     OUT_DIR,
     add_worker_arguments,
     cellarium_steps_exe,
+    checkpoint_latent,
     print_checks,
     print_table,
     run_if_worker,
@@ -182,20 +183,7 @@ def mapping_metrics(reference_z: np.ndarray, reference_labels: np.ndarray, query
 
 def _latent(checkpoint: str, adata) -> np.ndarray:
     """A checkpoint's latent means of an AnnData's cells (batches coded as the checkpoint codes them)."""
-    import torch
-
-    from cellarium_steps.runner import CellariumModule
-
-    module = CellariumModule.from_checkpoint(checkpoint)
-    categories = [str(c) for c in module.recipe["data"]["batch_categories"]]
-    batch_index_n = torch.tensor([categories.index(b) for b in adata.obs[BATCH_KEY].astype(str)])
-    parts = []
-    with torch.no_grad():
-        for start in range(0, adata.n_obs, 1024):
-            rows = slice(start, min(start + 1024, adata.n_obs))
-            x_ng = torch.tensor(adata.X[rows].toarray(), dtype=torch.float32)
-            parts.append(module.model.predict(x_ng, adata.var_names.values, batch_index_n[rows])["x_ng"].numpy())
-    return np.concatenate(parts)
+    return checkpoint_latent(checkpoint, adata, BATCH_KEY)
 
 
 def worker_ours(spec: dict) -> dict:

@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import OUT_DIR, cellarium_steps_exe, source_h5ad  # noqa: E402
+from _harness import OUT_DIR, cellarium_steps_exe, checkpoint_latent, source_h5ad  # noqa: E402
 
 BATCH_KEY = "source"
 LABEL_KEY = "cell_type_ontology_term_id"
@@ -75,22 +75,10 @@ def prepare(out_dir: Path) -> Path:
 def latent_and_obs(checkpoint: str, h5ad: Path, genes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The checkpoint's latent means of every cell, with each cell's source and label."""
     import anndata as ad
-    import torch
-
-    from cellarium_steps.runner import CellariumModule
 
     adata = ad.read_h5ad(h5ad)[:, genes].copy()
-    module = CellariumModule.from_checkpoint(checkpoint)
-    categories = [str(c) for c in module.recipe["data"]["batch_categories"]]
-    source_n = adata.obs[BATCH_KEY].astype(str).to_numpy()
-    batch_index_n = torch.tensor([categories.index(b) for b in source_n])
-    parts = []
-    with torch.no_grad():
-        for start in range(0, adata.n_obs, 1024):
-            rows = slice(start, min(start + 1024, adata.n_obs))
-            x_ng = torch.tensor(adata.X[rows].toarray(), dtype=torch.float32)
-            parts.append(module.model.predict(x_ng, adata.var_names.values, batch_index_n[rows])["x_ng"].numpy())
-    return np.concatenate(parts), source_n, adata.obs[LABEL_KEY].astype(str).to_numpy()
+    return (checkpoint_latent(checkpoint, adata, BATCH_KEY), adata.obs[BATCH_KEY].astype(str).to_numpy(),
+            adata.obs[LABEL_KEY].astype(str).to_numpy())
 
 
 def leave_one_source_out(z: np.ndarray, source_n: np.ndarray, label_n: np.ndarray) -> dict:
