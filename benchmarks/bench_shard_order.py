@@ -97,6 +97,8 @@ def leave_one_source_out(z: np.ndarray, source_n: np.ndarray, label_n: np.ndarra
 
 
 def train_and_score(out_dir: Path, genes_txt: Path, layout: str, seed: int, epochs: int) -> dict:
+    import anndata as ad
+
     from cellarium_steps.pipelines.scvi import default_kl_warmup_steps
 
     checkpoint = out_dir / f"{layout}_seed{seed}.ckpt"
@@ -104,7 +106,7 @@ def train_and_score(out_dir: Path, genes_txt: Path, layout: str, seed: int, epoc
     for stale in out_dir.glob(f"{checkpoint.name}*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     genes = genes_txt.read_text().split()
-    n_cells = 15493
+    n_cells = ad.read_h5ad(out_dir / LAYOUTS["permuted"], backed="r").n_obs  # both layouts hold the same cells
     args = ["train-scvi", "--input", str(out_dir / LAYOUTS[layout]), "--batch-key", BATCH_KEY, "--genes", str(genes_txt),
             "--encode-covariates", "--use-layer-norm", "both", "--use-batch-norm", "none", "--n-layers", "2",
             "--n-hidden", "128", "--n-latent", "10", "--dropout-rate", "0.2", "--max-epochs", str(epochs),
